@@ -1,0 +1,216 @@
+"""Typed run configuration: dataclasses, YAML loading and dotted overrides.
+
+One YAML file (plus `key.sub=value` overrides) resolves to one `Config`. Unknown keys
+are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """Where the labelled frames come from and how they are read.
+
+    `train` is required. If `valid` / `test` are not given, they are split off `train`
+    by `valid_fraction` / `test_fraction` with `split_seed`.
+    """
+
+    train: str = "data/ethanol_xtb.xyz"
+    valid: str | None = None
+    test: str | None = None
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    max_frames: int | None = None  # use only the first N frames of `train` (quick runs)
+    energy_key: str = "energy"  # eV, in atoms.info or the attached calculator
+    forces_key: str = "forces"  # eV/Å, in atoms.arrays or the attached calculator
+    stress_key: str = "stress"  # eV/Å³ (ASE sign), Voigt-6 or 3x3
+    virial_key: str = "virial"  # eV, used when no stress is present: stress = -virial / V
+    min_distance: float = 0.5  # Å; closer pairs are rejected as broken input
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and its hyperparameters. Fields not used by a model are ignored by it."""
+
+    name: str = "nequip"
+    cutoff: float = 5.0  # Å
+    num_layers: int = 3
+    num_features: int = 32  # channels per irrep in hidden layers
+    l_max: int = 2  # highest degree of edge spherical harmonics (and hidden features)
+    parity: bool = False  # also carry pseudo-tensor features (0o, 1e, 2o, ...) in hidden layers
+    num_radial: int = 8  # Bessel functions
+    envelope_p: int = 6  # polynomial envelope exponent
+    radial_mlp: tuple[int, ...] = (64, 64)
+    readout_mlp: int = 16  # hidden width of the scalar readout MLP
+    # MACE only
+    correlation: int = 3
+    max_L: int = 1  # highest degree of hidden node features in MACE
+    # Energy scaling. e0: per-element reference energies (eV) or "fit" (least squares).
+    e0: dict[str, float] | str = "fit"
+    scale: float | str = "forces_rms"  # number, "forces_rms" or "energy_std"
+    dtype: str = "float32"  # "float32" or "float64"
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int = 100
+    max_time: float | None = None  # seconds of training wall time; stops after the epoch
+    batch_size: int = 8
+    eval_batch_size: int = 32
+    optimizer: str = "amsgrad"  # "adam" or "amsgrad"
+    lr: float = 5e-3
+    min_lr_ratio: float = 0.01  # final lr of the cosine decay, relative to lr
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.0
+    clip_norm: float = 10.0
+    ema_decay: float = 0.99
+    energy_weight: float = 1.0  # on (eV/atom)²
+    forces_weight: float = 10.0  # on (eV/Å)² per component
+    stress_weight: float = 1.0  # on (eV/Å³)² per component
+    checkpoint_every: int = 1  # epochs
+    keep_checkpoints: int = 2
+    progress: bool = True  # tqdm bar
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    resume: bool = False
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one YAML value against a dataclass field type."""
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} does not match {tp}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls: type, values: dict, where: str = "config") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Config) -> dict:
+    def convert(x):
+        if isinstance(x, tuple):
+            return [convert(v) for v in x]
+        if isinstance(x, dict):
+            return {k: convert(v) for k, v in x.items()}
+        return x
+
+    return convert(dataclasses.asdict(config))
+
+
+def from_dict(values: dict) -> Config:
+    return _from_dict(Config, values or {})
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Resolve a YAML file and `key.sub=value` overrides into a Config.
+
+    Override values are parsed as YAML (`train.lr=1e-3`, `model.radial_mlp=[32,32]`).
+    """
+    values = to_dict(Config())
+    if path is not None:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        _merge(values, loaded, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return from_dict(values)
+
+
+def _merge(base: dict, new: dict, where: str) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "e0":
+            _merge(base[k], v, f"{where}:{k}")
+        else:
+            base[k] = v
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)

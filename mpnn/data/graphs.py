@@ -1,0 +1,125 @@
+"""Frames → `jraph.GraphsTuple` (numpy), padded batches with a few fixed shapes.
+
+Layout of one graph (all numpy; a batch concatenates graphs as jraph does):
+    nodes   = {"positions": [n_node, 3] Å, "species": [n_node] index into the model's
+               element list, "forces": [n_node, 3] eV/Å}
+    edges   = {"shifts": [n_edge, 3] integer cell shifts}
+    globals = {"cell": [n_graph, 3, 3] Å, "energy": [n_graph] eV,
+               "stress": [n_graph, 3, 3] eV/Å³, "weight_energy"/"weight_forces"/
+               "weight_stress": [n_graph] 1.0 where the label exists and counts, else 0.0}
+    senders, receivers [n_edge]; n_node, n_edge [n_graph]
+
+Padding adds one extra graph that owns all padding nodes and edges; padding edges join
+padding node to itself with zero shift, so a padded batch gives real graphs exactly what
+they get unpadded. The last graph of every padded batch is padding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import jraph
+import numpy as np
+
+from mpnn.data.frames import Frame
+from mpnn.data.neighbors import neighbor_list
+
+
+def frame_to_graph(frame: Frame, cutoff: float, species_index: dict[int, int]) -> jraph.GraphsTuple:
+    """One frame → one (unpadded) graph with labels; missing labels get weight 0."""
+    senders, receivers, shifts = neighbor_list(frame.positions, frame.cell, frame.pbc, cutoff)
+    n = frame.n_atom
+    species = np.array([species_index[int(z)] for z in frame.numbers], dtype=np.int32)
+    has_stress = frame.stress is not None and bool(frame.pbc.all())
+    return jraph.GraphsTuple(
+        nodes={
+            "positions": frame.positions.astype(np.float64),
+            "species": species,
+            "forces": frame.forces if frame.forces is not None else np.zeros((n, 3)),
+        },
+        edges={"shifts": shifts},
+        globals={
+            "cell": frame.cell[None].astype(np.float64),
+            "energy": np.array([frame.energy if frame.energy is not None else 0.0]),
+            "stress": (frame.stress if has_stress else np.zeros((3, 3)))[None],
+            "weight_energy": np.array([float(frame.energy is not None)]),
+            "weight_forces": np.array([float(frame.forces is not None)]),
+            "weight_stress": np.array([float(has_stress)]),
+        },
+        senders=senders,
+        receivers=receivers,
+        n_node=np.array([n], dtype=np.int32),
+        n_edge=np.array([len(senders)], dtype=np.int32),
+    )
+
+
+def bucket_size(x: int, minimum: int = 8) -> int:
+    """Round up to a coarse grid (at most 4 sizes per doubling, so ≤25% padding).
+
+    A bounded set of sizes keeps the number of compiled XLA programs small.
+    """
+    x = max(int(x), minimum)
+    step = 2 ** max(int(math.floor(math.log2(x))) - 2, 0)
+    return int(math.ceil(x / step) * step)
+
+
+def pad_graph(graph: jraph.GraphsTuple, n_node: int, n_edge: int, n_graph: int) -> jraph.GraphsTuple:
+    """Pad a batch to exactly (n_node, n_edge, n_graph) with one padding graph at the end.
+
+    Requires n_node > sum(graph.n_node), n_edge >= sum(graph.n_edge), n_graph > len(graph.n_node).
+    """
+    real_nodes = int(graph.n_node.sum())
+    real_edges = int(graph.n_edge.sum())
+    real_graphs = len(graph.n_node)
+    if n_node <= real_nodes or n_edge < real_edges or n_graph <= real_graphs:
+        raise ValueError(
+            f"cannot pad ({real_nodes} nodes, {real_edges} edges, {real_graphs} graphs) "
+            f"to ({n_node}, {n_edge}, {n_graph})"
+        )
+
+    def pad(x: np.ndarray, n: int) -> np.ndarray:
+        out = np.zeros((n,) + x.shape[1:], dtype=x.dtype)
+        out[: len(x)] = x
+        return out
+
+    pad_n_node = np.zeros(n_graph - real_graphs, dtype=np.int32)
+    pad_n_node[0] = n_node - real_nodes
+    pad_n_edge = np.zeros(n_graph - real_graphs, dtype=np.int32)
+    pad_n_edge[0] = n_edge - real_edges
+    # Padding edges connect the first padding node to itself: they stay inside the padding graph.
+    padding_node = np.full(n_edge - real_edges, real_nodes, dtype=np.int32)
+    return jraph.GraphsTuple(
+        nodes={k: pad(v, n_node) for k, v in graph.nodes.items()},
+        edges={k: pad(v, n_edge) for k, v in graph.edges.items()},
+        globals={k: pad(v, n_graph) for k, v in graph.globals.items()},
+        senders=np.concatenate([graph.senders, padding_node]).astype(np.int32),
+        receivers=np.concatenate([graph.receivers, padding_node]).astype(np.int32),
+        n_node=np.concatenate([graph.n_node, pad_n_node]).astype(np.int32),
+        n_edge=np.concatenate([graph.n_edge, pad_n_edge]).astype(np.int32),
+    )
+
+
+def batch_and_pad(graphs: Sequence[jraph.GraphsTuple], n_graph: int | None = None) -> jraph.GraphsTuple:
+    """Concatenate graphs and pad to bucketed sizes (n_graph defaults to len(graphs) + 1)."""
+    batch = jraph.batch_np(list(graphs))
+    n_node = bucket_size(int(batch.n_node.sum()) + 1)
+    n_edge = bucket_size(int(batch.n_edge.sum()))
+    return pad_graph(batch, n_node, n_edge, n_graph or len(graphs) + 1)
+
+
+def iterate_batches(
+    graphs: Sequence[jraph.GraphsTuple],
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Iterator[jraph.GraphsTuple]:
+    """Padded batches of `batch_size` graphs (the last may hold fewer), all with n_graph = batch_size + 1.
+
+    With `shuffle`, the order is a permutation drawn from `seed` (training passes a seed
+    derived from the epoch, so a resumed run sees the same order).
+    """
+    order = np.random.default_rng(seed).permutation(len(graphs)) if shuffle else np.arange(len(graphs))
+    for start in range(0, len(graphs), batch_size):
+        chunk = [graphs[i] for i in order[start : start + batch_size]]
+        yield batch_and_pad(chunk, n_graph=batch_size + 1)

@@ -1,0 +1,15 @@
+"""Building blocks shared by the models."""
+
+from mpnn.nn.radial import bessel_basis, polynomial_envelope, radial_features, safe_norm
+from mpnn.nn.blocks import MessagePassing, ScalarReadout, edge_geometry, species_embedding
+
+__all__ = [
+    "bessel_basis",
+    "polynomial_envelope",
+    "radial_features",
+    "safe_norm",
+    "MessagePassing",
+    "ScalarReadout",
+    "edge_geometry",
+    "species_embedding",
+]

@@ -1,0 +1,84 @@
+"""Equivariant building blocks over e3nn-jax `IrrepsArray`s.
+
+Every block maps zero input features to zero output (no biases on anything that feeds
+the energy), so an atom without neighbors has a model energy of exactly zero and its
+total energy is its E0.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import e3nn_jax as e3nn
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mpnn.nn.radial import radial_features, safe_norm
+
+
+def edge_geometry(
+    edge_vectors: jnp.ndarray, cutoff: float, num_radial: int, envelope_p: int, l_max: int
+) -> tuple[e3nn.IrrepsArray, jnp.ndarray]:
+    """Spherical harmonics of edge directions (up to l_max) and radial features.
+
+    edge_vectors [n_edge, 3] Å → (Y [n_edge, (l_max+1)²] as IrrepsArray, R [n_edge, num_radial]).
+    """
+    lengths = safe_norm(edge_vectors)
+    # Normalise by hand so that zero-length padding edges give finite values and gradients.
+    directions = edge_vectors / jnp.where(lengths > 0, lengths, 1.0)[:, None]
+    sh = e3nn.spherical_harmonics(
+        e3nn.Irreps.spherical_harmonics(l_max), directions, normalize=False, normalization="component"
+    )
+    return sh, radial_features(lengths, cutoff, num_radial, envelope_p)
+
+
+def species_embedding(species: jnp.ndarray, num_species: int, num_features: int, name: str = "embedding"):
+    """Learned per-element scalars: [n_node] → IrrepsArray [n_node, num_features x 0e]."""
+    table = nn.Embed(num_species, num_features, name=name)
+    return e3nn.IrrepsArray(f"{num_features}x0e", table(species))
+
+
+class MessagePassing(nn.Module):
+    """A_i = 1/avg_num_neighbors · Σ_{j→i} R(r_ij) ⊙ (h_j ⊗ Y(r̂_ij)).
+
+    The tensor product of sender features with edge harmonics keeps the irreps in
+    `irreps_out`; every output irrep (channel, path) gets its own weight from an MLP of
+    the radial features (a "uvu" tensor product). No biases: zero radial features
+    (beyond the cutoff) give zero messages.
+    """
+
+    irreps_out: e3nn.Irreps
+    radial_mlp: Sequence[int]
+    avg_num_neighbors: float
+
+    @nn.compact
+    def __call__(
+        self,
+        node_feats: e3nn.IrrepsArray,  # [n_node, irreps]
+        edge_sh: e3nn.IrrepsArray,  # [n_edge, sh irreps]
+        edge_radial: jnp.ndarray,  # [n_edge, num_radial]
+        senders: jnp.ndarray,
+        receivers: jnp.ndarray,
+    ) -> e3nn.IrrepsArray:
+        messages = e3nn.tensor_product(
+            node_feats[senders], edge_sh, filter_ir_out=e3nn.Irreps(self.irreps_out)
+        ).regroup()
+        weights = e3nn.flax.MultiLayerPerceptron(
+            tuple(self.radial_mlp) + (messages.irreps.num_irreps,), act=jax.nn.silu, output_activation=False
+        )(edge_radial)
+        messages = messages * weights
+        summed = e3nn.scatter_sum(messages, dst=receivers, output_size=node_feats.shape[0])
+        return summed / self.avg_num_neighbors
+
+
+class ScalarReadout(nn.Module):
+    """Scalars of the node features → one energy per node via a small MLP (no biases)."""
+
+    hidden: int
+
+    @nn.compact
+    def __call__(self, node_feats: e3nn.IrrepsArray) -> jnp.ndarray:
+        x = e3nn.flax.Linear(f"{self.hidden}x0e")(node_feats.filter(keep="0e"))
+        x = e3nn.scalar_activation(x, [jax.nn.silu])
+        return e3nn.flax.Linear("0e")(x).array[:, 0]
