@@ -85,7 +85,8 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
-    resume: bool = False
+    resume: bool = False  # continue from the last checkpoint in `dir`
+    overwrite: bool = False  # replace an existing run in `dir`
 
 
 @dataclass

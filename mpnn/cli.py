@@ -1,0 +1,42 @@
+"""Command-line entry points. `python train.py` is a thin wrapper around `train_main`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from mpnn.config import load_config
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python train.py",
+        description="Train a potential. Overrides look like key.sub=value, e.g. train.max_epochs=5 model.name=nequip",
+    )
+    parser.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in run.dir from its last checkpoint")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value")
+    args = parser.parse_args(argv)
+
+    # Our own progress at INFO; libraries (orbax, absl) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("mpnn").setLevel(logging.INFO)
+    config = load_config(args.config, list(args.overrides) + (["run.resume=true"] if args.resume else []))
+
+    from mpnn.evaluate import format_metrics
+    from mpnn.training.loop import train
+
+    results = train(config)
+    print(f"\nrun folder: {config.run.dir}  (best epoch {results['best_epoch']} of {results['epochs']}, {results['train_time_s']:.0f} s)")
+    for split in ("valid", "test"):
+        if results[split] is not None:
+            print(f"{split:>5}: {format_metrics(results[split])}")
+    print(json.dumps({k: results[k] for k in ("valid", "test")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

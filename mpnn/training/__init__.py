@@ -1,0 +1,1 @@
+"""Loss, metrics, optimiser, checkpoints and the training loop."""

@@ -1,0 +1,265 @@
+"""The training loop: one visible function, `train(config)`.
+
+Per epoch: shuffled padded batches → jitted step (loss → grads → optax → EMA) →
+validation with the EMA parameters → metrics.csv row → orbax checkpoint → model/ folder
+when validation improved. A killed run resumed with `run.resume=true` continues from the
+last checkpoint with the same optimiser state, EMA and data order (the shuffle of epoch k
+depends only on the seed and k).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from mpnn.config import Config, save_config
+from mpnn.data.dataset import e0_from_config, load_splits
+from mpnn.data.graphs import frame_to_graph, iterate_batches
+from mpnn.data.statistics import average_num_neighbors, fit_e0, forces_rms, residual_per_atom
+from mpnn.evaluate import evaluate_graphs, format_metrics, make_error_fn
+from mpnn.potential import TRACE_COUNTS, Potential, cast_graph, init_potential, predict_graph
+from mpnn.saved_model import save_model
+from mpnn.training.checkpoint import Checkpointer
+from mpnn.training.loss import METRICS, loss_fn
+from mpnn.training.optimizer import learning_rate_schedule, make_optimizer
+
+log = logging.getLogger("mpnn")
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: dict
+    opt_state: optax.OptState
+    ema: dict  # exponential moving average of params: used for validation and saving
+    best: dict  # EMA params of the best validation epoch so far
+    step: jnp.ndarray
+
+
+def energy_scaling(config: Config, splits, numbers: list[int]) -> tuple[np.ndarray, float, float]:
+    """E0 per element, scale and shift from the training set (see README, "Energy scaling").
+
+    With fitted E0 the mean residual is zero by construction, so shift = 0 and a lone
+    atom's energy is exactly its E0. With E0 given, shift = mean residual per atom.
+    """
+    model = config.model
+    if model.e0 == "fit":
+        e0, shift = fit_e0(splits.train, numbers), 0.0
+    elif isinstance(model.e0, dict):
+        e0 = e0_from_config(model.e0, numbers)
+        shift = float(np.mean(residual_per_atom(splits.train, e0, numbers)))
+    else:
+        raise ValueError(f"model.e0 must be 'fit' or a mapping element → eV, got {model.e0!r}")
+    if isinstance(model.scale, float):
+        scale = model.scale
+    elif model.scale == "forces_rms":
+        scale = forces_rms(splits.train)
+    elif model.scale == "energy_std":
+        scale = float(np.std(residual_per_atom(splits.train, e0, numbers)))
+    else:
+        raise ValueError(f"model.scale must be a number, 'forces_rms' or 'energy_std', got {model.scale!r}")
+    return e0, (scale if scale > 0 else 1.0), shift
+
+
+def make_train_step(potential: Potential, tx: optax.GradientTransformation, config: Config):
+    weights = {
+        "energy": config.train.energy_weight,
+        "forces": config.train.forces_weight,
+        "stress": config.train.stress_weight,
+    }
+    fixed = {k: v for k, v in potential.variables.items() if k != "model"}
+    ema_decay = config.train.ema_decay
+
+    def train_step(state: TrainState, graph):
+        TRACE_COUNTS["train_step"] += 1
+
+        def loss_of(params):
+            pred = predict_graph(potential.model.apply, {**fixed, "model": params}, graph)
+            return loss_fn(pred, graph, weights)
+
+        loss, grads = jax.value_and_grad(loss_of)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # Warm-up of the EMA decay so early averages are not dominated by the initialisation.
+        decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step)).astype(loss.dtype)
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema, params)
+        return state.replace(params=params, opt_state=opt_state, ema=ema, step=state.step + 1), loss
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def _prepare_run_dir(config: Config) -> Path:
+    run_dir = Path(config.run.dir)
+    if run_dir.exists() and not config.run.resume and any(run_dir.iterdir()):
+        if not config.run.overwrite:
+            raise FileExistsError(
+                f"{run_dir} already holds a run: pass --resume to continue it, "
+                f"run.overwrite=true to replace it, or choose another run.dir"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    """On resume, drop rows written after the checkpoint we continue from."""
+    if not path.exists():
+        return
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["epoch"]) <= last_epoch)
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def train(config: Config) -> dict:
+    """Train as configured; returns the results dict also written to RUN/results.json."""
+    if config.model.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    run_dir = _prepare_run_dir(config)
+    save_config(config, run_dir / "config.yaml")
+
+    # --- data -----------------------------------------------------------------------
+    splits = load_splits(config.data, config.train)
+    numbers = splits.numbers
+    to_graphs = lambda frames: [frame_to_graph(f, config.model.cutoff, {z: k for k, z in enumerate(numbers)}) for f in frames]
+    train_graphs, valid_graphs, test_graphs = to_graphs(splits.train), to_graphs(splits.valid), to_graphs(splits.test)
+    e0, scale, shift = energy_scaling(config, splits, numbers)
+    avg_neighbors = average_num_neighbors(train_graphs)
+    log.info(
+        "data: %d train / %d valid / %d test frames; elements %s; E0 %s eV; scale %.4g; shift %.4g; "
+        "avg neighbors %.2f",
+        len(train_graphs), len(valid_graphs), len(test_graphs), numbers, np.round(e0, 4).tolist(), scale, shift, avg_neighbors,
+    )
+
+    # --- model, optimiser, state ------------------------------------------------------
+    potential = init_potential(config.model, numbers, avg_neighbors, e0, scale, shift, config.seed, config)
+    batch_size = config.train.batch_size
+    steps_per_epoch = -(-len(train_graphs) // batch_size)
+    tx = make_optimizer(config.train, steps_per_epoch)
+    schedule = learning_rate_schedule(config.train, steps_per_epoch)
+    params = potential.variables["model"]
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    log.info("model %s: %d parameters", config.model.name, n_params)
+    state = TrainState(params, tx.init(params), params, params, jnp.array(0))
+    state = jax.tree_util.tree_map(jnp.array, state)  # own copies: the step donates its input
+    meta = {"epoch": 0, "elapsed": 0.0, "best_valid": None, "best_epoch": None}
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
+    if config.run.resume and checkpointer.latest_epoch() is not None:
+        state, meta = checkpointer.restore(checkpointer.latest_epoch(), state)
+        _truncate_metrics(run_dir / "metrics.csv", meta["epoch"])
+        log.info("resumed from epoch %d (%.0f s trained)", meta["epoch"], meta["elapsed"])
+
+    train_step = make_train_step(potential, tx, config)
+    error_fn = make_error_fn(potential)
+    eval_graphs = valid_graphs or train_graphs  # no validation set: select on training error
+    dtype = potential.np_dtype
+
+    # --- epochs -----------------------------------------------------------------------
+    start_time = time.perf_counter() - meta["elapsed"]
+    for epoch in range(meta["epoch"] + 1, config.train.max_epochs + 1):
+        epoch_start = time.perf_counter()
+        compiles_before = sum(TRACE_COUNTS.values())
+        batches = iterate_batches(train_graphs, batch_size, shuffle=True, seed=config.seed * 100_003 + epoch)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", disable=not config.train.progress, leave=False)
+        losses = []
+        for batch in bar:
+            state, loss = train_step(state, cast_graph(batch, dtype))
+            losses.append(loss)
+            if len(losses) % 10 == 0:
+                bar.set_postfix(loss=f"{float(np.mean(jax.device_get(losses[-10:]))):.4g}")
+        train_loss = float(np.mean(jax.device_get(losses)))
+        if not np.isfinite(train_loss):
+            raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}; lower train.lr or check the data")
+        train_time = time.perf_counter() - epoch_start
+
+        valid_metrics = evaluate_graphs(potential, eval_graphs, config.train.eval_batch_size, _variables(potential, state.ema), error_fn)
+        score = _selection_score(valid_metrics, config)
+        improved = meta["best_valid"] is None or score < meta["best_valid"]
+        if improved:
+            state = state.replace(best=jax.tree_util.tree_map(jnp.copy, state.ema))
+            meta.update(best_valid=score, best_epoch=epoch)
+        meta.update(epoch=epoch, elapsed=time.perf_counter() - start_time)
+
+        row = {
+            "epoch": epoch,
+            "step": int(state.step),
+            "time_s": round(meta["elapsed"], 2),
+            "epoch_train_s": round(train_time, 2),
+            "lr": float(schedule(int(state.step))),
+            "train_loss": train_loss,
+            **{f"valid_{k}": ("" if valid_metrics[k] is None else valid_metrics[k]) for k in METRICS},
+            "n_compiles": sum(TRACE_COUNTS.values()) - compiles_before,
+        }
+        _append_metrics(run_dir / "metrics.csv", row)
+        log.info("epoch %d  loss %.4g  valid %s  (%.1f s, %d compiles)", epoch, train_loss, format_metrics(valid_metrics), train_time, row["n_compiles"])
+
+        if epoch % config.train.checkpoint_every == 0 or epoch == config.train.max_epochs:
+            checkpointer.save(epoch, state, meta)
+        if improved:
+            save_model(_with_variables(potential, state.best), run_dir / "model")
+        if config.train.max_time is not None and meta["elapsed"] >= config.train.max_time:
+            log.info("stopping: train.max_time=%.0f s reached after epoch %d", config.train.max_time, epoch)
+            if epoch % config.train.checkpoint_every != 0:
+                checkpointer.save(epoch, state, meta)
+            break
+    checkpointer.close()
+
+    # --- final evaluation with the best EMA parameters ---------------------------------
+    best = _with_variables(potential, state.best)
+    if not (run_dir / "model").exists():
+        save_model(best, run_dir / "model")
+    results = {
+        "valid": evaluate_graphs(best, valid_graphs, config.train.eval_batch_size, error_fn=error_fn) if valid_graphs else None,
+        "test": evaluate_graphs(best, test_graphs, config.train.eval_batch_size, error_fn=error_fn) if test_graphs else None,
+        "best_epoch": meta["best_epoch"],
+        "epochs": meta["epoch"],
+        "train_time_s": round(meta["elapsed"], 2),
+        "n_parameters": n_params,
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _variables(potential: Potential, params: dict) -> dict:
+    return {**potential.variables, "model": params}
+
+
+def _with_variables(potential: Potential, params: dict) -> Potential:
+    return Potential(potential.model, _variables(potential, params), potential.numbers, potential.cutoff, potential.dtype, potential.config)
+
+
+def _selection_score(metrics: dict, config: Config) -> float:
+    """Validation score that picks the best epoch: the loss weights applied to RMSEs."""
+    score = 0.0
+    for key, weight in (
+        ("energy_rmse_mev_atom", config.train.energy_weight),
+        ("forces_rmse_mev_A", config.train.forces_weight),
+        ("stress_rmse_mev_A3", config.train.stress_weight),
+    ):
+        if metrics[key] is not None and weight > 0:
+            score += weight * (metrics[key] / 1000.0) ** 2
+    return score

@@ -1,0 +1,72 @@
+"""Weighted loss and error sums on padded batches (padding and missing labels weigh 0)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+
+
+def _node_graph(graph: jraph.GraphsTuple) -> jnp.ndarray:
+    n_nodes = graph.nodes["species"].shape[0]
+    return jnp.repeat(jnp.arange(graph.n_node.shape[0]), graph.n_node, total_repeat_length=n_nodes)
+
+
+def residuals(pred: dict, graph: jraph.GraphsTuple) -> dict[str, tuple[jnp.ndarray, jnp.ndarray]]:
+    """(error, weight) pairs: energy per atom [n_graph], force components [n_node, 3],
+    stress components [n_graph, 3, 3]; weights broadcast against the errors."""
+    globals_ = graph.globals
+    n_atoms = jnp.maximum(graph.n_node, 1).astype(pred["energy"].dtype)
+    node_weight = globals_["weight_forces"][_node_graph(graph)]
+    return {
+        "energy": ((pred["energy"] - globals_["energy"]) / n_atoms, globals_["weight_energy"]),
+        "forces": (pred["forces"] - graph.nodes["forces"], node_weight[:, None] * jnp.ones((1, 3))),
+        "stress": (pred["stress"] - globals_["stress"], globals_["weight_stress"][:, None, None] * jnp.ones((1, 3, 3))),
+    }
+
+
+def weighted_mse(error: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
+    return jnp.sum(weight * error**2) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def loss_fn(pred: dict, graph: jraph.GraphsTuple, weights: dict[str, float]) -> jnp.ndarray:
+    """Σ_k w_k · MSE_k over energy per atom (eV/atom)², force components (eV/Å)², stress (eV/Å³)²."""
+    res = residuals(pred, graph)
+    return sum(weights[k] * weighted_mse(*res[k]) for k in ("energy", "forces", "stress") if weights[k] > 0)
+
+
+def error_sums(pred: dict, graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:
+    """Per-batch sums for MAE/RMSE: Σ w|e|, Σ w e², Σ w for each quantity."""
+    out = {}
+    for key, (error, weight) in residuals(pred, graph).items():
+        out[f"{key}_abs"] = jnp.sum(weight * jnp.abs(error))
+        out[f"{key}_sq"] = jnp.sum(weight * error**2)
+        out[f"{key}_n"] = jnp.sum(weight)
+    return out
+
+
+# metric name → (quantity, kind, factor from eV units to reported meV units)
+METRICS = {
+    "energy_mae_mev_atom": ("energy", "mae"),
+    "energy_rmse_mev_atom": ("energy", "rmse"),
+    "forces_mae_mev_A": ("forces", "mae"),
+    "forces_rmse_mev_A": ("forces", "rmse"),
+    "stress_mae_mev_A3": ("stress", "mae"),
+    "stress_rmse_mev_A3": ("stress", "rmse"),
+}
+
+
+def summarise(sums: dict[str, float], n_frames: int) -> dict[str, float | int | None]:
+    """Accumulated error sums → metrics in meV units; None where a label was absent."""
+    out: dict[str, float | int | None] = {}
+    for name, (key, kind) in METRICS.items():
+        n = float(sums.get(f"{key}_n", 0.0))
+        if n == 0:
+            out[name] = None
+        elif kind == "mae":
+            out[name] = 1000.0 * float(sums[f"{key}_abs"]) / n
+        else:
+            out[name] = 1000.0 * float(np.sqrt(float(sums[f"{key}_sq"]) / n))
+    out["n_frames"] = int(n_frames)
+    return out
