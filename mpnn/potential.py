@@ -169,7 +169,9 @@ class Potential:
         for start in range(0, len(structures), batch_size):
             chunk = list(structures[start : start + batch_size])
             graphs = [self.to_graph(a) for a in chunk]
-            out = jax.device_get(self.predict_graph(batch_and_pad(graphs, n_graph=batch_size + 1)))
+            # Power-of-two buckets: few distinct shapes, so few compilations across calls.
+            padded = batch_and_pad(graphs, n_graph=batch_size + 1, per_doubling=1)
+            out = jax.device_get(self.predict_graph(padded))
             offset = 0
             for k, (structure, graph) in enumerate(zip(chunk, graphs)):
                 n = int(graph.n_node[0])
@@ -205,7 +207,7 @@ def init_potential(
     model = build_model(model_config, len(numbers), avg_num_neighbors)
     # Two atoms, one edge each way: enough to create every parameter.
     vectors = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
-    params = model.init(
+    params = jax.jit(model.init)(
         jax.random.PRNGKey(seed), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0])
     )["params"]
     variables = {

@@ -54,13 +54,14 @@ def frame_to_graph(frame: Frame, cutoff: float, species_index: dict[int, int]) -
     )
 
 
-def bucket_size(x: int, minimum: int = 8) -> int:
-    """Round up to a coarse grid (at most 4 sizes per doubling, so ≤25% padding).
+def bucket_size(x: int, minimum: int = 8, per_doubling: int = 4) -> int:
+    """Round up to a coarse grid with `per_doubling` sizes per factor of two
+    (4: ≤25% padding; 1: powers of two, ≤50% padding but fewer distinct shapes).
 
     A bounded set of sizes keeps the number of compiled XLA programs small.
     """
     x = max(int(x), minimum)
-    step = 2 ** max(int(math.floor(math.log2(x))) - 2, 0)
+    step = 2 ** max(int(math.floor(math.log2(x))) - int(math.log2(per_doubling)), 0)
     return int(math.ceil(x / step) * step)
 
 
@@ -100,11 +101,13 @@ def pad_graph(graph: jraph.GraphsTuple, n_node: int, n_edge: int, n_graph: int) 
     )
 
 
-def batch_and_pad(graphs: Sequence[jraph.GraphsTuple], n_graph: int | None = None) -> jraph.GraphsTuple:
+def batch_and_pad(
+    graphs: Sequence[jraph.GraphsTuple], n_graph: int | None = None, per_doubling: int = 4
+) -> jraph.GraphsTuple:
     """Concatenate graphs and pad to bucketed sizes (n_graph defaults to len(graphs) + 1)."""
     batch = jraph.batch_np(list(graphs))
-    n_node = bucket_size(int(batch.n_node.sum()) + 1)
-    n_edge = bucket_size(int(batch.n_edge.sum()))
+    n_node = bucket_size(int(batch.n_node.sum()) + 1, per_doubling=per_doubling)
+    n_edge = bucket_size(int(batch.n_edge.sum()), per_doubling=per_doubling)
     return pad_graph(batch, n_node, n_edge, n_graph or len(graphs) + 1)
 
 

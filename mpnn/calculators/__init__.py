@@ -1,0 +1,1 @@
+"""Calculators for simulation engines: ASE (`ase.py`) and jax-md (`jaxmd.py`)."""

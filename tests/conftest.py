@@ -1,0 +1,80 @@
+"""Shared fixtures. Tests run in float64 where they check symmetry to tight tolerances;
+models are tiny so the whole suite compiles quickly on 2 CPU cores."""
+
+from __future__ import annotations
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import ase
+import ase.io
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from mpnn.config import Config, ModelConfig, load_config
+
+
+def tiny_model_config(name: str = "nequip", dtype: str = "float64", **kwargs) -> ModelConfig:
+    """A model small enough to compile in seconds, big enough to be non-trivial."""
+    values = dict(
+        name=name, cutoff=3.5, num_layers=2, num_features=4, l_max=2, num_radial=4,
+        radial_mlp=(8,), readout_mlp=4, correlation=2, max_L=1, dtype=dtype,
+    )
+    values.update(kwargs)
+    return ModelConfig(**values)
+
+
+def emt_cu_frames(n_frames: int, seed: int = 0, repeat: int = 1) -> list[ase.Atoms]:
+    """Labelled fcc Cu frames (EMT energy, forces, stress): strained, rattled, some vacancies."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n_frames):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
+        strain = rng.uniform(-0.02, 0.02, (3, 3))
+        atoms.set_cell(atoms.cell.array @ (np.eye(3) + (strain + strain.T) / 2), scale_atoms=True)
+        if rng.random() < 0.3:
+            del atoms[int(rng.integers(len(atoms)))]
+        atoms.positions += rng.normal(0, 0.07, atoms.positions.shape)
+        atoms.calc = EMT()
+        labels = dict(energy=atoms.get_potential_energy(), forces=atoms.get_forces(), stress=atoms.get_stress())
+        atoms.calc = SinglePointCalculator(atoms, **labels)
+        frames.append(atoms)
+    return frames
+
+
+@pytest.fixture(scope="session")
+def cu_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "cu_emt.xyz"
+    ase.io.write(path, emt_cu_frames(48, seed=0))
+    return str(path)
+
+
+def tiny_train_config(train_file: str, run_dir, **overrides) -> Config:
+    items = {
+        "data.train": train_file,
+        "data.valid_fraction": 0.125,
+        "data.test_fraction": 0.125,
+        "model.name": "nequip",
+        "model.cutoff": 3.5,
+        "model.num_layers": 2,
+        "model.num_features": 4,
+        "model.l_max": 1,
+        "model.num_radial": 4,
+        "model.radial_mlp": [8],
+        "model.readout_mlp": 4,
+        "train.batch_size": 4,
+        "train.eval_batch_size": 8,
+        "train.max_epochs": 4,
+        "train.lr": 0.01,
+        "train.warmup_epochs": 0.5,
+        "train.progress": False,
+        "train.stress_weight": 10.0,
+        "train.keep_checkpoints": 10,
+        "run.dir": str(run_dir),
+    }
+    items.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in items.items()])
