@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from mpnn.config import ConfigError, from_dict, save_config
+from mpnn.models import build_model
 from mpnn.potential import Potential, init_potential
 
 FORMAT_VERSION = 1
@@ -109,13 +110,15 @@ def load_model(path: str | Path, dtype: str | None = None) -> Potential:
         raise ModelFileError(f"{path / 'params.msgpack'}: checksum mismatch (truncated or modified file)")
 
     config.model.dtype = dtype or metadata.get("dtype", config.model.dtype)
-    template = init_potential(config.model, numbers, avg_num_neighbors, config=config)
+    # Only the structure is needed: trace the initialisation without running it.
+    template = jax.eval_shape(lambda: init_potential(config.model, numbers, avg_num_neighbors, config=config).variables)
     try:
         state = flax.serialization.msgpack_restore(params_bytes)
-        variables = flax.serialization.from_state_dict(jax.device_get(template.variables), state)
+        variables = flax.serialization.from_state_dict(template, state)
     except Exception as e:
         raise ModelFileError(f"{path / 'params.msgpack'}: cannot be restored ({type(e).__name__}: {e})") from e
-    shapes = jax.tree_util.tree_map(np.shape, template.variables)
-    if jax.tree_util.tree_map(np.shape, variables) != shapes:
+    shapes = jax.tree_util.tree_map(lambda x: tuple(x.shape), template)
+    if jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), variables) != shapes:
         raise ModelFileError(f"{path / 'params.msgpack'}: parameter shapes do not match the config")
-    return Potential(template.model, variables, tuple(numbers), cutoff, config.model.dtype, config)
+    model = build_model(config.model, len(numbers), avg_num_neighbors)
+    return Potential(model, variables, tuple(numbers), cutoff, config.model.dtype, config)

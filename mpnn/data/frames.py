@@ -160,7 +160,7 @@ def validate_frame(
             raise DataError(f"{src}: periodic cell is degenerate (cell={frame.cell.tolist()}, pbc={frame.pbc.tolist()})")
     if need_stress and frame.pbc.all() and frame.stress is None:
         pass  # missing stress on some frames is allowed: those frames carry no stress loss
-    if n > 1:
+    if n > 1 and min_distance > 0:
         _check_min_distance(frame, min_distance)
 
 

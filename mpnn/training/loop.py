@@ -172,11 +172,20 @@ def train(config: Config) -> dict:
         state, meta = checkpointer.restore(checkpointer.latest_epoch(), state)
         _truncate_metrics(run_dir / "metrics.csv", meta["epoch"])
         log.info("resumed from epoch %d (%.0f s trained)", meta["epoch"], meta["elapsed"])
+    elif config.run.resume:
+        log.warning("%s: no checkpoint to resume from; starting from scratch", run_dir)
+        (run_dir / "metrics.csv").unlink(missing_ok=True)
 
     train_step = make_train_step(potential, tx, config)
     error_fn = make_error_fn(potential)
     eval_graphs = valid_graphs or train_graphs  # no validation set: select on training error
     dtype = potential.np_dtype
+
+    if meta["epoch"] == 0:
+        # Epoch 0: the untrained model, the baseline every later row is compared with.
+        initial = evaluate_graphs(potential, eval_graphs, config.train.eval_batch_size, _variables(potential, state.ema), error_fn)
+        _append_metrics(run_dir / "metrics.csv", _metrics_row(0, 0, 0.0, 0.0, float(schedule(0)), float("nan"), initial, 0))
+        log.info("epoch 0 (untrained)  valid %s", format_metrics(initial))
 
     # --- epochs -----------------------------------------------------------------------
     start_time = time.perf_counter() - meta["elapsed"]
@@ -204,16 +213,10 @@ def train(config: Config) -> dict:
             meta.update(best_valid=score, best_epoch=epoch)
         meta.update(epoch=epoch, elapsed=time.perf_counter() - start_time)
 
-        row = {
-            "epoch": epoch,
-            "step": int(state.step),
-            "time_s": round(meta["elapsed"], 2),
-            "epoch_train_s": round(train_time, 2),
-            "lr": float(schedule(int(state.step))),
-            "train_loss": train_loss,
-            **{f"valid_{k}": ("" if valid_metrics[k] is None else valid_metrics[k]) for k in METRICS},
-            "n_compiles": sum(TRACE_COUNTS.values()) - compiles_before,
-        }
+        row = _metrics_row(
+            epoch, int(state.step), meta["elapsed"], train_time, float(schedule(int(state.step))), train_loss,
+            valid_metrics, sum(TRACE_COUNTS.values()) - compiles_before,
+        )
         _append_metrics(run_dir / "metrics.csv", row)
         log.info("epoch %d  loss %.4g  valid %s  (%.1f s, %d compiles)", epoch, train_loss, format_metrics(valid_metrics), train_time, row["n_compiles"])
 
@@ -242,6 +245,19 @@ def train(config: Config) -> dict:
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _metrics_row(epoch, step, elapsed, train_time, lr, train_loss, valid_metrics, n_compiles) -> dict:
+    return {
+        "epoch": epoch,
+        "step": step,
+        "time_s": round(elapsed, 2),
+        "epoch_train_s": round(train_time, 2),
+        "lr": lr,
+        "train_loss": train_loss,
+        **{f"valid_{k}": ("" if valid_metrics[k] is None else valid_metrics[k]) for k in METRICS},
+        "n_compiles": n_compiles,
+    }
 
 
 def _variables(potential: Potential, params: dict) -> dict:

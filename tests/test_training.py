@@ -1,0 +1,178 @@
+"""End to end: `python train.py` on a tiny EMT Cu set, resume, the saved model, the
+evaluate CLI and the ASE calculator. One training run (module-scoped) feeds most tests."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+import yaml
+from ase.build import bulk
+
+import mpnn
+from mpnn.config import save_config
+from mpnn.saved_model import ModelFileError
+from tests.conftest import tiny_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 20
+
+
+def run_train(config_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(config_path), *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained_run(cu_file, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    config_path = run_dir.parent / "config.yaml"
+    save_config(tiny_train_config(cu_file, run_dir, **{"train.max_epochs": EPOCHS}), config_path)
+    result = run_train(config_path)
+    assert "valid:" in result.stdout and "test:" in result.stdout
+    return run_dir
+
+
+def test_run_folder_contents(trained_run):
+    for name in ("config.yaml", "metrics.csv", "results.json", "model/params.msgpack", "model/metadata.json", "model/config.yaml"):
+        assert (trained_run / name).exists(), name
+    results = json.loads((trained_run / "results.json").read_text())
+    for split in ("valid", "test"):
+        for key in ("energy_mae_mev_atom", "forces_mae_mev_A", "stress_mae_mev_A3", "forces_rmse_mev_A"):
+            assert np.isfinite(results[split][key])
+    assert results["test"]["n_frames"] == 6
+    assert yaml.safe_load((trained_run / "config.yaml").read_text())["train"]["max_epochs"] == EPOCHS
+
+
+def test_training_fits_well_below_starting_error(trained_run):
+    rows = read_metrics(trained_run)
+    assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS + 1))
+    start = float(rows[0]["valid_forces_rmse_mev_A"])
+    results = json.loads((trained_run / "results.json").read_text())
+    assert results["valid"]["forces_rmse_mev_A"] < 0.5 * start
+    assert results["valid"]["energy_rmse_mev_atom"] < float(rows[0]["valid_energy_rmse_mev_atom"])
+
+
+def test_compiles_are_bounded(trained_run):
+    rows = read_metrics(trained_run)
+    compiles = [int(r["n_compiles"]) for r in rows[1:]]
+    # One program per bucketed batch shape (plus evaluation), then none: 3- and 4-atom
+    # frames give a few node/edge buckets, each compiled once when first seen.
+    assert sum(compiles) <= 10
+    assert sum(compiles[EPOCHS // 2 :]) == 0
+
+
+def test_resume_continues_the_same_trajectory(trained_run, tmp_path):
+    """Simulate a run killed after epoch KILLED: drop later checkpoints, resume, compare."""
+    killed = EPOCHS - 3
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["run"]["dir"] = str(copy)
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    for step in (copy / "checkpoints").iterdir():
+        if step.name.isdigit() and int(step.name) > killed:
+            shutil.rmtree(step)
+    run_train(copy / "config.yaml", "--resume")
+    original, resumed = read_metrics(trained_run), read_metrics(copy)
+    assert [r["epoch"] for r in resumed] == [r["epoch"] for r in original]
+    for a, b in zip(original[killed + 1 :], resumed[killed + 1 :]):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-6)
+        assert float(a["valid_forces_mae_mev_A"]) == pytest.approx(float(b["valid_forces_mae_mev_A"]), rel=1e-6)
+
+
+def test_refuses_to_overwrite_a_run(trained_run):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(trained_run / "config.yaml")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "--resume" in result.stderr
+
+
+def test_evaluate_cli_matches_results(trained_run, cu_file, tmp_path):
+    out = tmp_path / "metrics.json"
+    from mpnn.evaluate import main
+
+    assert main(["--model", str(trained_run / "model"), "--data", cu_file, "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["n_frames"] == 48
+    for key in ("energy_mae_mev_atom", "energy_rmse_mev_atom", "forces_mae_mev_A", "forces_rmse_mev_A", "stress_mae_mev_A3", "stress_rmse_mev_A3"):
+        assert np.isfinite(metrics[key])
+
+
+def test_loaded_model_calculator_and_predict_agree(trained_run, cu_file):
+    potential = mpnn.load(trained_run / "model")
+    atoms = ase.io.read(cu_file, index=0)
+    reference = atoms.get_potential_energy()
+    predicted = potential.predict([atoms])[0]
+    calc_atoms = atoms.copy()
+    calc_atoms.calc = mpnn.MPNNCalculator(trained_run / "model")
+    assert calc_atoms.get_potential_energy() == pytest.approx(predicted["energy"], rel=1e-6)
+    assert np.allclose(calc_atoms.get_forces(), predicted["forces"], atol=1e-5)
+    assert calc_atoms.get_stress().shape == (6,)
+    assert abs(predicted["energy"] - reference) / len(atoms) < 0.05  # trained: within 50 meV/atom
+    # Loading twice gives bit-identical parameters.
+    again = mpnn.load(trained_run / "model")
+    import jax
+
+    for a, b in zip(jax.tree_util.tree_leaves(potential.variables), jax.tree_util.tree_leaves(again.variables)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_corrupt_model_folders_give_clear_errors(trained_run, tmp_path):
+    def broken_copy(name):
+        path = tmp_path / name
+        shutil.copytree(trained_run / "model", path)
+        return path
+
+    truncated = broken_copy("truncated")
+    data = (truncated / "params.msgpack").read_bytes()
+    (truncated / "params.msgpack").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="params.msgpack.*checksum"):
+        mpnn.load(truncated)
+
+    missing = broken_copy("missing")
+    (missing / "metadata.json").unlink()
+    with pytest.raises(ModelFileError, match="metadata.json"):
+        mpnn.load(missing)
+
+    mismatched = broken_copy("mismatched")
+    config = yaml.safe_load((mismatched / "config.yaml").read_text())
+    config["model"]["num_features"] = 7
+    (mismatched / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ModelFileError, match="params.msgpack"):
+        mpnn.load(mismatched)
+
+    with pytest.raises(ModelFileError, match="not found"):
+        mpnn.load(tmp_path / "nothing")
+
+
+def test_calculator_md_compiles_few_programs(trained_run):
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    from mpnn.potential import TRACE_COUNTS
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    atoms.calc = mpnn.MPNNCalculator(trained_run / "model")
+    MaxwellBoltzmannDistribution(atoms, temperature_K=600, rng=np.random.default_rng(0))
+    before = TRACE_COUNTS["predict_graph"]
+    VelocityVerlet(atoms, 2 * units.fs).run(40)
+    assert TRACE_COUNTS["predict_graph"] - before <= 3
