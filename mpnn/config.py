@@ -74,7 +74,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_norm: float = 10.0
     ema_decay: float = 0.99
-    energy_weight: float = 1.0  # on (eV/atom)²
+    # Energy needs a large weight: forces do not constrain a constant energy offset, which
+    # otherwise drifts by 100s of meV/atom while forces are being fitted.
+    energy_weight: float = 100.0  # on (eV/atom)²
     forces_weight: float = 10.0  # on (eV/Å)² per component
     stress_weight: float = 1.0  # on (eV/Å³)² per component
     checkpoint_every: int = 1  # epochs
