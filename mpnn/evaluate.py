@@ -38,12 +38,15 @@ def evaluate_graphs(
     batch_size: int = 32,
     variables: dict | None = None,
     error_fn=None,
+    shape: tuple[int, int] | None = None,
 ) -> dict:
-    """Metrics (see `mpnn.training.loss.METRICS`) over `graphs`, plus n_frames."""
+    """Metrics (see `mpnn.training.loss.METRICS`) over `graphs`, plus n_frames.
+
+    `shape`: fixed (n_node, n_edge) padding for every batch (default: bucketed per batch)."""
     error_fn = error_fn or make_error_fn(potential)
     variables = potential.variables if variables is None else variables
     totals: dict[str, float] = {}
-    for batch in iterate_batches(graphs, batch_size):
+    for batch in iterate_batches(graphs, batch_size, shape=shape):
         sums = jax.device_get(error_fn(variables, cast_graph(batch, potential.np_dtype)))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)

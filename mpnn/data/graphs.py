@@ -111,18 +111,34 @@ def batch_and_pad(
     return pad_graph(batch, n_node, n_edge, n_graph or len(graphs) + 1)
 
 
+def fixed_batch_shape(graphs: Sequence[jraph.GraphsTuple], batch_size: int) -> tuple[int, int]:
+    """(n_node, n_edge) that fits any `batch_size` graphs of `graphs`: one shape, one compile.
+
+    Sized from the largest graph, so datasets of similar-sized frames waste little padding.
+    """
+    max_nodes = max(int(g.n_node.sum()) for g in graphs)
+    max_edges = max(int(g.n_edge.sum()) for g in graphs)
+    return bucket_size(batch_size * max_nodes + 1), bucket_size(max(batch_size * max_edges, 1))
+
+
 def iterate_batches(
     graphs: Sequence[jraph.GraphsTuple],
     batch_size: int,
     shuffle: bool = False,
     seed: int = 0,
+    shape: tuple[int, int] | None = None,
 ) -> Iterator[jraph.GraphsTuple]:
     """Padded batches of `batch_size` graphs (the last may hold fewer), all with n_graph = batch_size + 1.
 
-    With `shuffle`, the order is a permutation drawn from `seed` (training passes a seed
-    derived from the epoch, so a resumed run sees the same order).
+    With `shape` = (n_node, n_edge) every batch is padded to exactly that shape (see
+    `fixed_batch_shape`); without it, to bucketed sizes. With `shuffle`, the order is a
+    permutation drawn from `seed` (training passes a seed derived from the epoch, so a
+    resumed run sees the same order).
     """
     order = np.random.default_rng(seed).permutation(len(graphs)) if shuffle else np.arange(len(graphs))
     for start in range(0, len(graphs), batch_size):
         chunk = [graphs[i] for i in order[start : start + batch_size]]
-        yield batch_and_pad(chunk, n_graph=batch_size + 1)
+        if shape is None:
+            yield batch_and_pad(chunk, n_graph=batch_size + 1)
+        else:
+            yield pad_graph(jraph.batch_np(chunk), shape[0], shape[1], batch_size + 1)

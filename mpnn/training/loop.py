@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mpnn.config import Config, save_config
 from mpnn.data.dataset import e0_from_config, load_splits
-from mpnn.data.graphs import frame_to_graph, iterate_batches
+from mpnn.data.graphs import fixed_batch_shape, frame_to_graph, iterate_batches
 from mpnn.data.statistics import average_num_neighbors, fit_e0, forces_rms, residual_per_atom
 from mpnn.evaluate import evaluate_graphs, format_metrics, make_error_fn
 from mpnn.potential import TRACE_COUNTS, Potential, cast_graph, init_potential, predict_graph
@@ -179,12 +179,20 @@ def train(config: Config) -> dict:
     train_step = make_train_step(potential, tx, config)
     error_fn = make_error_fn(potential)
     eval_graphs = valid_graphs or train_graphs  # no validation set: select on training error
+    # One padded shape for all training batches and one for all evaluation: two compilations.
+    train_shape = fixed_batch_shape(train_graphs, batch_size)
+    eval_shape = fixed_batch_shape(train_graphs + valid_graphs + test_graphs, config.train.eval_batch_size)
+    evaluate = lambda potential, graphs, variables=None: evaluate_graphs(
+        potential, graphs, config.train.eval_batch_size, variables, error_fn, eval_shape
+    )
     dtype = potential.np_dtype
 
     if meta["epoch"] == 0:
         # Epoch 0: the untrained model, the baseline every later row is compared with.
-        initial = evaluate_graphs(potential, eval_graphs, config.train.eval_batch_size, _variables(potential, state.ema), error_fn)
-        _append_metrics(run_dir / "metrics.csv", _metrics_row(0, 0, 0.0, 0.0, float(schedule(0)), float("nan"), initial, 0))
+        compiles_before = sum(TRACE_COUNTS.values())
+        initial = evaluate(potential, eval_graphs, _variables(potential, state.ema))
+        compiles = sum(TRACE_COUNTS.values()) - compiles_before
+        _append_metrics(run_dir / "metrics.csv", _metrics_row(0, 0, 0.0, 0.0, float(schedule(0)), float("nan"), initial, compiles))
         log.info("epoch 0 (untrained)  valid %s", format_metrics(initial))
 
     # --- epochs -----------------------------------------------------------------------
@@ -192,7 +200,7 @@ def train(config: Config) -> dict:
     for epoch in range(meta["epoch"] + 1, config.train.max_epochs + 1):
         epoch_start = time.perf_counter()
         compiles_before = sum(TRACE_COUNTS.values())
-        batches = iterate_batches(train_graphs, batch_size, shuffle=True, seed=config.seed * 100_003 + epoch)
+        batches = iterate_batches(train_graphs, batch_size, shuffle=True, seed=config.seed * 100_003 + epoch, shape=train_shape)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", disable=not config.train.progress, leave=False)
         losses = []
         for batch in bar:
@@ -205,7 +213,7 @@ def train(config: Config) -> dict:
             raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}; lower train.lr or check the data")
         train_time = time.perf_counter() - epoch_start
 
-        valid_metrics = evaluate_graphs(potential, eval_graphs, config.train.eval_batch_size, _variables(potential, state.ema), error_fn)
+        valid_metrics = evaluate(potential, eval_graphs, _variables(potential, state.ema))
         score = _selection_score(valid_metrics, config)
         improved = meta["best_valid"] is None or score < meta["best_valid"]
         if improved:
@@ -236,8 +244,8 @@ def train(config: Config) -> dict:
     if not (run_dir / "model").exists():
         save_model(best, run_dir / "model")
     results = {
-        "valid": evaluate_graphs(best, valid_graphs, config.train.eval_batch_size, error_fn=error_fn) if valid_graphs else None,
-        "test": evaluate_graphs(best, test_graphs, config.train.eval_batch_size, error_fn=error_fn) if test_graphs else None,
+        "valid": evaluate(best, valid_graphs) if valid_graphs else None,
+        "test": evaluate(best, test_graphs) if test_graphs else None,
         "best_epoch": meta["best_epoch"],
         "epochs": meta["epoch"],
         "train_time_s": round(meta["elapsed"], 2),
