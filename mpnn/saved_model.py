@@ -80,8 +80,11 @@ def save_model(potential: Potential, path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, dtype: str | None = None) -> Potential:
-    """Rebuild the `Potential` saved in folder `path` (optionally in another dtype)."""
+    """Rebuild the `Potential` saved in folder `path` (a model folder or a run folder
+    holding `model/`), optionally in another dtype ("float32"/"float64")."""
     path = Path(path)
+    if (path / "model" / "metadata.json").is_file():  # a run folder: take its model
+        path = path / "model"
     if not path.is_dir():
         raise ModelFileError(f"{path}: model folder not found")
     for name in ("metadata.json", "config.yaml", "params.msgpack"):
