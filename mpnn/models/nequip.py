@@ -99,18 +99,3 @@ class NequIP(nn.Module):
             )(node_feats, species, edge_sh, edge_radial, senders, receivers)
         return ScalarReadout(self.readout_mlp, name="readout")(node_feats)
 
-
-def build(config, num_species: int, avg_num_neighbors: float) -> NequIP:
-    return NequIP(
-        num_species=num_species,
-        cutoff=config.cutoff,
-        avg_num_neighbors=avg_num_neighbors,
-        num_layers=config.num_layers,
-        num_features=config.num_features,
-        l_max=config.l_max,
-        parity=config.parity,
-        num_radial=config.num_radial,
-        envelope_p=config.envelope_p,
-        radial_mlp=tuple(config.radial_mlp),
-        readout_mlp=config.readout_mlp,
-    )

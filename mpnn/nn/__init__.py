@@ -2,6 +2,7 @@
 
 from mpnn.nn.radial import bessel_basis, polynomial_envelope, radial_features, safe_norm
 from mpnn.nn.blocks import MessagePassing, ScalarReadout, edge_geometry, species_embedding
+from mpnn.nn.symmetric_contraction import SymmetricContraction
 
 __all__ = [
     "bessel_basis",
@@ -10,6 +11,7 @@ __all__ = [
     "safe_norm",
     "MessagePassing",
     "ScalarReadout",
+    "SymmetricContraction",
     "edge_geometry",
     "species_embedding",
 ]

@@ -30,7 +30,11 @@ def edge_geometry(
     sh = e3nn.spherical_harmonics(
         e3nn.Irreps.spherical_harmonics(l_max), directions, normalize=False, normalization="component"
     )
-    return sh, radial_features(lengths, cutoff, num_radial, envelope_p)
+    # Padding edges are zero vectors (real ones never are): they carry no message. Otherwise a
+    # padding node sums hundreds of them, and products of that sum (MACE's A^correlation)
+    # overflow float32 to inf, turning the zero-weighted padding into NaN losses.
+    radial = jnp.where((lengths > 0)[:, None], radial_features(lengths, cutoff, num_radial, envelope_p), 0.0)
+    return sh, radial
 
 
 def species_embedding(species: jnp.ndarray, num_species: int, num_features: int, name: str = "embedding"):

@@ -1,0 +1,161 @@
+"""Parameter count of our MACE against the reference PyTorch MACE (mace-torch), block by block.
+
+    python benchmarks/mace_torch_params.py [--config configs/mace_rmd17.yaml] [--elements 1 6 8]
+
+Our count comes from the parameter shapes of `mpnn.models.mace` (jax.eval_shape: nothing is
+computed). If `mace-torch` is importable, the same architecture is built there (paper rMD17
+setting: RealAgnosticResidualInteractionBlock for every layer) and counted too. Otherwise the
+per-block formulas are printed.
+
+Expected differences (everything else matches block for block):
+- layer 0 self_connection: mace-torch's residual first layer adds an element-only linear
+  (Z·C² weights); ours has none, so that a lone atom's energy is exactly E0.
+- symmetric_contraction: we keep one weight per *linearly independent symmetric* coupling
+  (e3nn.reduced_symmetric_tensor_product_basis); mace-torch keeps one per coupling path of the
+  ν-fold tensor product, which for ν ≥ 2 includes paths that only differ by permuting the
+  (identical) factors, e.g. K(3, 0e) = 23 there against 8 here for l_max = 3. Both span the
+  same functions of A (A⊗A⊗A is symmetric); mace-torch's extra weights are redundant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import warnings
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpnn.config import load_config
+from mpnn.models import build_model
+
+# Block names shared by both implementations, for the side-by-side table.
+BLOCKS = [
+    "embedding",
+    "linear_up",
+    "radial_mlp",
+    "linear",
+    "symmetric_contraction",
+    "linear_down",
+    "self_connection",
+    "readout",
+]
+
+
+def ours(config, num_species: int) -> Counter:
+    """{(layer, block): number of parameters} of our MACE (layer None for embedding/readouts)."""
+    model = build_model(config.model, num_species, avg_num_neighbors=1.0)
+    vectors = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0]))
+    counts: Counter = Counter()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]:
+        keys = [k.key for k in path]
+        size = int(np.prod(leaf.shape))
+        if keys[0] == "embedding":
+            counts[(None, "embedding")] += size
+        elif keys[0].startswith("readout"):
+            counts[(None, "readout")] += size
+        else:
+            layer = int(keys[0].split("_")[1])
+            block = "radial_mlp" if keys[1].startswith("MessagePassing") else keys[1]
+            counts[(layer, block)] += size
+    return counts
+
+
+TORCH_BLOCKS = [
+    (r"^node_embedding\.", "embedding"),
+    (r"^interactions\.(\d+)\.linear_up\.", "linear_up"),
+    (r"^interactions\.(\d+)\.conv_tp_weights\.", "radial_mlp"),
+    (r"^interactions\.(\d+)\.linear\.", "linear"),
+    (r"^interactions\.(\d+)\.skip_tp\.", "self_connection"),
+    (r"^products\.(\d+)\.symmetric_contractions\.", "symmetric_contraction"),
+    (r"^products\.(\d+)\.linear\.", "linear_down"),
+    (r"^readouts\.", "readout"),
+]
+
+
+def reference(config, numbers: list[int]) -> Counter | None:
+    """The same counts for mace-torch's MACE, or None if it is not installed."""
+    warnings.filterwarnings("ignore")  # torch / e3nn deprecation chatter
+    try:
+        import torch
+        from mace import modules  # before e3nn: mace makes e3nn's constants loadable with recent torch
+        from e3nn import o3
+    except Exception as error:  # not installed, or installed but broken
+        print(f"(mace-torch not usable: {type(error).__name__}: {error})")
+        return None
+    m = config.model
+    parity = ["e", "o"]
+    hidden = " + ".join(f"{m.num_features}x{l}{parity[l % 2]}" for l in range(m.max_L + 1))
+    residual = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+    model = modules.MACE(
+        r_max=m.cutoff,
+        num_bessel=m.num_radial,
+        num_polynomial_cutoff=m.envelope_p,
+        max_ell=m.l_max,
+        interaction_cls=residual,
+        interaction_cls_first=residual,
+        num_interactions=m.num_layers,
+        num_elements=len(numbers),
+        hidden_irreps=o3.Irreps(hidden),
+        MLP_irreps=o3.Irreps(f"{m.readout_mlp}x0e"),
+        atomic_energies=np.zeros(len(numbers)),
+        avg_num_neighbors=8.0,
+        atomic_numbers=numbers,
+        correlation=m.correlation,
+        gate=torch.nn.functional.silu,
+        radial_MLP=list(m.radial_mlp),
+    )
+    counts: Counter = Counter()
+    for name, p in model.named_parameters():
+        for pattern, block in TORCH_BLOCKS:
+            match = re.match(pattern, name)
+            if match:
+                layer = int(match.group(1)) if match.groups() else None
+                counts[(layer, block)] += p.numel()
+                break
+        else:
+            counts[(None, f"other: {name}")] += p.numel()
+    return counts
+
+
+FORMULAS = """How our count is computed (C channels, Z elements, h the radial MLP widths):
+  embedding              Z·C
+  linear_up              C² per irrep of the layer's input features
+  radial_mlp             num_radial·h1 + h1·h2 + ... + h_last·(C · number of tensor-product paths)
+  linear                 (C · paths into irrep l)·C for each irrep l of the atomic basis (l ≤ l_max)
+  symmetric_contraction  Z·K(ν, L)·C for ν = 1..correlation and each output irrep L,
+                         K = multiplicity of L in the ν-th symmetric power of (0e + 1o + ... l_max)
+  linear_down            C² per output irrep (only 0e in the last layer)
+  self_connection        Z·C² per irrep shared by input and output (layers after the first)
+  readout                C per linear readout (all layers but the last) + C·m + m for the MLP readout
+No biases anywhere."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/mace_rmd17.yaml")
+    parser.add_argument("--elements", type=int, nargs="+", default=[1, 6, 8], help="atomic numbers (ethanol: H C O)")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    mine = ours(config, len(args.elements))
+    theirs = reference(config, args.elements)
+    m = config.model
+    print(
+        f"{args.config}: {m.num_layers} layers, {m.num_features} channels, l_max {m.l_max}, max_L {m.max_L}, "
+        f"correlation {m.correlation}, {len(args.elements)} elements"
+    )
+    keys = sorted(set(mine) | set(theirs or {}), key=lambda k: (-1 if k[0] is None else k[0], str(k[1])))
+    print(f"{'layer':>5}  {'block':<24}{'mpnn':>12}{'mace-torch':>14}")
+    for key in keys:
+        ref = "" if theirs is None else f"{theirs.get(key, 0):>14,}"
+        print(f"{'-' if key[0] is None else key[0]:>5}  {key[1]:<24}{mine.get(key, 0):>12,}{ref}")
+    print(f"{'':>5}  {'total':<24}{sum(mine.values()):>12,}" + ("" if theirs is None else f"{sum(theirs.values()):>14,}"))
+    if theirs is None:
+        print("\nmace-torch is not installed; only our count is shown.\n" + FORMULAS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Training and inference speed of each model config on the bundled data.
+
+    python benchmarks/models_speed.py [--configs configs/default.yaml configs/mace_ethanol.yaml] [--steps 30]
+
+Prints, per config: parameter count, compile time of the training step and of
+inference (separately), training time per step and per epoch, inference time per atom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from mpnn.config import load_config
+from mpnn.data.dataset import load_splits
+from mpnn.data.graphs import fixed_batch_shape, frame_to_graph, iterate_batches
+from mpnn.data.statistics import average_num_neighbors
+from mpnn.potential import cast_graph, init_potential
+from mpnn.training.loop import TrainState, energy_scaling, make_train_step
+from mpnn.training.optimizer import make_optimizer
+
+
+def block(tree):
+    return jax.tree_util.tree_map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+
+
+def benchmark(config_path: str, steps: int) -> dict:
+    config = load_config(config_path)
+    splits = load_splits(config.data, config.train)
+    numbers = splits.numbers
+    index = {z: k for k, z in enumerate(numbers)}
+    graphs = [frame_to_graph(f, config.model.cutoff, index) for f in splits.train]
+    e0, scale, shift = energy_scaling(config, splits, numbers)
+    potential = init_potential(config.model, numbers, average_num_neighbors(graphs), e0, scale, shift, 0, config)
+    batch_size = config.train.batch_size
+    steps_per_epoch = -(-len(graphs) // batch_size)
+    tx = make_optimizer(config.train, steps_per_epoch)
+    params = potential.variables["model"]
+    state = jax.tree_util.tree_map(jax.numpy.array, TrainState(params, tx.init(params), params, params, jax.numpy.array(0)))
+    train_step = make_train_step(potential, tx, config)
+    shape = fixed_batch_shape(graphs, batch_size)
+    batches = [cast_graph(b, potential.np_dtype) for b in iterate_batches(graphs, batch_size, shape=shape)]
+
+    start = time.perf_counter()
+    state, loss = block(train_step(state, batches[0]))
+    compile_train = time.perf_counter() - start
+    start = time.perf_counter()
+    for k in range(steps):
+        state, loss = train_step(state, batches[(k + 1) % len(batches)])
+    block(loss)
+    step_time = (time.perf_counter() - start) / steps
+
+    # Inference: energy + forces (+ stress) on padded batches of the eval batch size.
+    eval_shape = fixed_batch_shape(graphs, config.train.eval_batch_size)
+    eval_batches = list(iterate_batches(graphs, config.train.eval_batch_size, shape=eval_shape))
+    start = time.perf_counter()
+    block(potential.predict_graph(eval_batches[0]))
+    compile_infer = time.perf_counter() - start
+    start = time.perf_counter()
+    n_atoms = 0
+    for batch in eval_batches[1:]:
+        out = potential.predict_graph(batch)
+        n_atoms += int(batch.n_node[:-1].sum())
+    block(out)
+    infer_per_atom = (time.perf_counter() - start) / max(n_atoms, 1)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    return {
+        "config": config_path,
+        "model": config.model.name,
+        "parameters": n_params,
+        "compile_train_s": compile_train,
+        "train_step_ms": 1e3 * step_time,
+        "train_epoch_s": step_time * steps_per_epoch,
+        "compile_inference_s": compile_infer,
+        "inference_us_per_atom": 1e6 * infer_per_atom,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["configs/default.yaml", "configs/mace_ethanol.yaml"])
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    header = f"{'config':32s} {'model':7s} {'params':>8s} {'compile train':>14s} {'step ms':>8s} {'epoch s':>8s} {'compile infer':>14s} {'infer µs/atom':>14s}"
+    print(header)
+    for path in args.configs:
+        r = benchmark(path, args.steps)
+        print(
+            f"{r['config']:32s} {r['model']:7s} {r['parameters']:8d} {r['compile_train_s']:13.1f}s {r['train_step_ms']:8.1f} "
+            f"{r['train_epoch_s']:8.1f} {r['compile_inference_s']:13.1f}s {r['inference_us_per_atom']:14.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""MACE (Batatia et al., NeurIPS 2022): higher body order through symmetric contraction.
+
+Species embedding → `num_layers` × [linear_up → edge tensor product weighted by a radial
+MLP, summed over neighbors / avg_num_neighbors (the atomic basis A) → linear →
+element-dependent symmetric contraction of A up to power `correlation` (the product basis
+B, body order correlation + 1) → linear (+ element-dependent self-connection after the
+first layer)] → one energy readout per layer, summed.
+
+Irreps: the edge harmonics and A carry l = 0..l_max per channel; node features between
+layers carry l = 0..max_L; the last layer keeps only scalars (nothing reads anything else).
+Readouts: a linear map to 0e after every layer but the last, a small MLP after the last.
+
+An atom without neighbors gets A = 0, hence B = 0 (no constant term), no self-connection in
+the first layer and no biases: its model energy is exactly zero and its energy is E0.
+Everything is polynomial in A or linear, so outputs vary smoothly as the last neighbor
+leaves the cutoff.
+
+Differences from the reference PyTorch code (mace-torch): the first layer has no
+self-connection (mace-torch's "Residual" first block adds a species-only constant), and
+the symmetric contraction keeps one weight per independent symmetric coupling where
+mace-torch also keeps redundant permuted paths (same functions, fewer weights; see
+benchmarks/mace_torch_params.py). Every other block matches it weight for weight.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import e3nn_jax as e3nn
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mpnn.models.nequip import hidden_irreps
+from mpnn.nn import MessagePassing, ScalarReadout, edge_geometry, species_embedding
+from mpnn.nn.symmetric_contraction import SymmetricContraction
+
+
+class MACELayer(nn.Module):
+    """One interaction + product layer.
+
+    Call: (node_feats IrrepsArray [n_node, irreps_in], species [n_node], edge_sh [n_edge, sh],
+    edge_radial [n_edge, num_radial], senders, receivers) → IrrepsArray [n_node, num_features x irreps_out].
+
+    interaction_irreps / irreps_out are per channel (multiplicity 1), e.g. "0e+1o+2e+3o" / "0e+1o".
+    """
+
+    interaction_irreps: e3nn.Irreps
+    irreps_out: e3nn.Irreps
+    num_features: int
+    num_species: int
+    correlation: int
+    radial_mlp: Sequence[int]
+    avg_num_neighbors: float
+    self_connection: bool
+
+    @nn.compact
+    def __call__(
+        self,
+        node_feats: e3nn.IrrepsArray,
+        species: jnp.ndarray,
+        edge_sh: e3nn.IrrepsArray,
+        edge_radial: jnp.ndarray,
+        senders: jnp.ndarray,
+        receivers: jnp.ndarray,
+    ) -> e3nn.IrrepsArray:
+        interaction = e3nn.Irreps(self.interaction_irreps)
+        target = self.num_features * e3nn.Irreps(self.irreps_out)
+        h = e3nn.flax.Linear(node_feats.irreps, name="linear_up")(node_feats)
+        # Atomic basis A: [n_node, C x interaction irreps]
+        a = MessagePassing(interaction, self.radial_mlp, self.avg_num_neighbors)(
+            h, edge_sh, edge_radial, senders, receivers
+        )
+        a = e3nn.flax.Linear(self.num_features * interaction, force_irreps_out=True, name="linear")(a)
+        # Product basis B per channel: [n_node, C, d] → [n_node, C, irreps_out.dim]
+        b = SymmetricContraction(self.irreps_out, self.correlation, self.num_species, name="symmetric_contraction")(
+            a.mul_to_axis(self.num_features), species
+        )
+        out = e3nn.flax.Linear(target, force_irreps_out=True, name="linear_down")(b.axis_to_mul())
+        if self.self_connection:
+            out = out + e3nn.flax.Linear(
+                target, num_indexed_weights=self.num_species, force_irreps_out=True, name="self_connection"
+            )(species, node_feats)
+        return out
+
+
+class MACE(nn.Module):
+    """Per-atom energies (unscaled) from edge vectors and species.
+
+    Call: (edge_vectors [n_edge, 3] Å, species [n_node] int, senders [n_edge],
+    receivers [n_edge]) → [n_node].
+    """
+
+    num_species: int
+    cutoff: float
+    avg_num_neighbors: float = 1.0
+    num_layers: int = 2
+    num_features: int = 32
+    l_max: int = 3  # edge spherical harmonics and atomic basis A
+    max_L: int = 1  # node features between layers
+    correlation: int = 3
+    parity: bool = False
+    num_radial: int = 8
+    envelope_p: int = 5
+    radial_mlp: Sequence[int] = (64, 64, 64)
+    readout_mlp: int = 16
+
+    @nn.compact
+    def __call__(self, edge_vectors, species, senders, receivers) -> jnp.ndarray:
+        edge_sh, edge_radial = edge_geometry(edge_vectors, self.cutoff, self.num_radial, self.envelope_p, self.l_max)
+        node_feats = species_embedding(species, self.num_species, self.num_features)
+        interaction = hidden_irreps(1, self.l_max, self.parity)
+        energy = jnp.zeros(species.shape[0], dtype=edge_vectors.dtype)
+        for layer in range(self.num_layers):
+            last = layer == self.num_layers - 1
+            node_feats = MACELayer(
+                interaction_irreps=interaction,
+                irreps_out=e3nn.Irreps("0e") if last else hidden_irreps(1, self.max_L, self.parity),
+                num_features=self.num_features,
+                num_species=self.num_species,
+                correlation=self.correlation,
+                radial_mlp=tuple(self.radial_mlp),
+                avg_num_neighbors=self.avg_num_neighbors,
+                self_connection=layer > 0,
+                name=f"layer_{layer}",
+            )(node_feats, species, edge_sh, edge_radial, senders, receivers)
+            if last:
+                energy = energy + ScalarReadout(self.readout_mlp, name="readout")(node_feats)
+            else:
+                energy = energy + e3nn.flax.Linear("0e", name=f"readout_{layer}")(node_feats).array[:, 0]
+        return energy
+
