@@ -14,7 +14,6 @@ from typing import Sequence
 
 import jax
 import jraph
-import numpy as np
 
 from mpnn.data.frames import read_frames, validate_frame
 from mpnn.data.graphs import frame_to_graph, iterate_batches

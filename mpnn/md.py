@@ -173,7 +173,7 @@ def _run_md(
         nbrs = nbrs.update(state.position, **box_kwargs(state))
         e_pot = energy(state.position, neighbor=nbrs, **box_kwargs(state))
         e_kin = simulate.kinetic_energy(state)
-        out = {"E_pot_eV": e_pot, "E_kin_eV": e_kin, "bad": J.overflowed(nbrs)}
+        out = {"E_pot_eV": e_pot, "E_kin_eV": e_kin, "bad": J.overflowed(nbrs), "box": box_kwargs(state).get("box")}
         fixed = lambda R, **kw: e_pot  # the invariants only need E_pot, already computed
         if ensemble == "nvt":
             out["E_cons_eV"] = simulate.nvt_nose_hoover_invariant(fixed, state, kT)
@@ -214,7 +214,7 @@ def _run_md(
         Path(trajectory).unlink(missing_ok=True)
 
     def to_atoms(state, obs, step) -> ase.Atoms:
-        box = simulate.npt_box(state) if ensemble == "npt" else system.box
+        box = np.asarray(obs["box"]) if ensemble == "npt" else system.box
         out = ase.Atoms(
             numbers=system.numbers,
             positions=system.real_positions(state.position, box),

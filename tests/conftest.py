@@ -15,7 +15,11 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
+import jax.numpy as jnp
+
 from mpnn.config import Config, ModelConfig, load_config
+from mpnn.models import build_model
+from mpnn.potential import Potential
 
 
 def tiny_model_config(name: str = "nequip", dtype: str = "float64", **kwargs) -> ModelConfig:
@@ -81,3 +85,16 @@ def tiny_train_config(train_file: str, run_dir, **overrides) -> Config:
     }
     items.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
+
+
+def random_potential(numbers, e0, scale, seed, dtype="float64"):
+    """A tiny model with random N(0, 1) weights, built without compiling `model.init`
+    (consistency checks hold for any weights; this saves ~10 s of XLA compilation)."""
+    model_config = tiny_model_config(dtype=dtype)
+    model = build_model(model_config, len(numbers), avg_num_neighbors=8.0)
+    vectors = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0]))
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape)), shapes["params"])
+    variables = {"model": params, "scale": jnp.asarray(scale), "shift": jnp.asarray(0.0), "e0": jnp.asarray(e0, dtype=float)}
+    return Potential(model, variables, tuple(numbers), model_config.cutoff, dtype, Config(model=model_config))

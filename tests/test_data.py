@@ -13,7 +13,7 @@ from ase.neighborlist import primitive_neighbor_list
 
 from mpnn.config import ConfigError, load_config
 from mpnn.data.dataset import load_splits
-from mpnn.data.frames import DataError, read_frames, split_frames, validate_frame
+from mpnn.data.frames import DataError, read_frames, split_frames
 from mpnn.data.graphs import batch_and_pad, bucket_size, frame_to_graph, iterate_batches
 from mpnn.data.neighbors import neighbor_list
 from tests.conftest import emt_cu_frames

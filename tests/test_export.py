@@ -11,21 +11,16 @@ import textwrap
 import zipfile
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from ase.build import bulk, molecule
 
 pytest.importorskip("flatbuffers")  # jax.export serialisation needs it
 
-from mpnn.config import Config  # noqa: E402
 from mpnn.export import graph_inputs  # noqa: E402
 from mpnn.export import main as export_main  # noqa: E402
-from mpnn.models import build_model  # noqa: E402
-from mpnn.potential import Potential  # noqa: E402
 from mpnn.saved_model import load_model, save_model  # noqa: E402
-from tests.conftest import tiny_model_config  # noqa: E402
+from tests.conftest import random_potential  # noqa: E402
 
 BUCKET = (40, 1024)
 
@@ -34,7 +29,7 @@ CONSUMER = textwrap.dedent(
     """
     import json, sys, zipfile
     import numpy as np
-    import jax
+    import jax  # the only non-standard import besides numpy
     jax.config.update("jax_enable_x64", True)
     archive = zipfile.ZipFile(sys.argv[1])
     manifest = json.loads(archive.read("manifest.json"))
@@ -52,19 +47,6 @@ CONSUMER = textwrap.dedent(
     np.savez(sys.argv[3], **results)
     """
 )
-
-
-def random_potential(numbers, e0, scale, seed, dtype="float64"):
-    """A tiny model with random N(0, 1) weights, built without compiling `model.init`
-    (consistency checks hold for any weights; this saves ~10 s of XLA compilation)."""
-    model_config = tiny_model_config(dtype=dtype)
-    model = build_model(model_config, len(numbers), avg_num_neighbors=8.0)
-    vectors = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0]))
-    rng = np.random.default_rng(seed)
-    params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape)), shapes["params"])
-    variables = {"model": params, "scale": jnp.asarray(scale), "shift": jnp.asarray(0.0), "e0": jnp.asarray(e0, dtype=float)}
-    return Potential(model, variables, tuple(numbers), model_config.cutoff, dtype, Config(model=model_config))
 
 
 @pytest.fixture(scope="module")

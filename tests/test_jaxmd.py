@@ -20,10 +20,8 @@ from jax_md import simulate, space  # noqa: E402
 
 import mpnn.jaxmd as J  # noqa: E402
 from mpnn.calculators.ase import MPNNCalculator  # noqa: E402
-from mpnn.config import Config  # noqa: E402
-from mpnn.models import build_model  # noqa: E402
-from mpnn.potential import TRACE_COUNTS, Potential  # noqa: E402
-from tests.conftest import tiny_model_config  # noqa: E402
+from mpnn.potential import TRACE_COUNTS  # noqa: E402
+from tests.conftest import random_potential  # noqa: E402
 
 NUMBERS = [1, 6, 8, 29]
 E0 = [-13.6, -1030.0, -2040.0, -3.5]
@@ -33,19 +31,6 @@ CUTOFF = 3.5  # tiny_model_config
 @pytest.fixture(scope="module")
 def potential():
     return random_potential(NUMBERS, E0, scale=0.7, seed=1)
-
-
-def random_potential(numbers, e0, scale, seed, dtype="float64"):
-    """A tiny model with random N(0, 1) weights, built without compiling `model.init`
-    (consistency checks hold for any weights; this saves ~10 s of XLA compilation)."""
-    model_config = tiny_model_config(dtype=dtype)
-    model = build_model(model_config, len(numbers), avg_num_neighbors=8.0)
-    vectors = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0]))
-    rng = np.random.default_rng(seed)
-    params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape)), shapes["params"])
-    variables = {"model": params, "scale": jnp.asarray(scale), "shift": jnp.asarray(0.0), "e0": jnp.asarray(e0, dtype=float)}
-    return Potential(model, variables, tuple(numbers), model_config.cutoff, dtype, Config(model=model_config))
 
 
 def sheared_cu(repeat: int, seed: int) -> ase.Atoms:

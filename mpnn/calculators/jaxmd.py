@@ -111,13 +111,27 @@ def perpendicular_widths(box) -> jnp.ndarray:
     )
 
 
+def _host_box(box) -> np.ndarray:
+    """box_matrix on the host (numpy: no tiny XLA compilations for host-side checks)."""
+    box = np.asarray(box, dtype=np.float64)
+    if box.ndim == 0:
+        return np.eye(3) * box
+    return np.diag(box) if box.ndim == 1 else box
+
+
+def _host_widths(box) -> np.ndarray:
+    a, b, c = _host_box(box).T
+    volume = abs(np.dot(a, np.cross(b, c)))
+    return volume / np.array([np.linalg.norm(np.cross(b, c)), np.linalg.norm(np.cross(c, a)), np.linalg.norm(np.cross(a, b))])
+
+
 def min_image_is_exact(box, cutoff: float) -> bool:
     """True when every pair has at most one image within `cutoff` and it is the minimum image."""
-    return bool(np.min(np.asarray(perpendicular_widths(box))) >= 2.0 * cutoff)
+    return bool(np.min(_host_widths(box)) >= 2.0 * cutoff)
 
 
 def _is_upper_triangular(box) -> bool:
-    T = np.asarray(box_matrix(box))
+    T = _host_box(box)
     return bool(np.all(np.abs(np.tril(T, -1)) <= 1e-12 * max(np.abs(T).max(), 1.0)))
 
 
@@ -299,7 +313,11 @@ class _MinImageUpdate:
 
     def prepare(self, position, kwargs):
         if self.real_positions:
-            position = space.transform(jnp.linalg.inv(self.current_box(kwargs)), position)
+            if isinstance(position, jax.core.Tracer) or isinstance(kwargs.get("box"), jax.core.Tracer):
+                position = space.transform(jnp.linalg.inv(self.current_box(kwargs)), position)
+            else:  # host-side allocation: numpy, no compilation
+                box = _host_box(kwargs["box"]) if "box" in kwargs else np.asarray(self.box)
+                position = jnp.asarray(np.linalg.solve(box, np.asarray(position, np.float64).T).T, position.dtype)
         return position
 
     def __call__(self, position, neighbors, **kwargs):
@@ -421,8 +439,9 @@ def neighbor_list(
         )
     if multi_image not in ("auto", True, False):
         raise ValueError(f"multi_image must be 'auto', True or False, got {multi_image!r}")
-    T = box_matrix(box)
-    box_static = tuple(map(tuple, np.asarray(T, dtype=np.float64)))
+    T_host = _host_box(box)
+    T = jnp.asarray(T_host, box.dtype)
+    box_static = tuple(map(tuple, T_host))
     # jax-md's list works on fractional positions whatever the caller uses (see _MinImageUpdate).
     displacement_frac, _ = space.periodic_general(T, fractional_coordinates=True)
     fns = partition.neighbor_list(
@@ -438,14 +457,15 @@ def neighbor_list(
 
     def allocate_multi(position, extra_capacity: int = 0, **kwargs):
         box_now = kwargs.get("box")
-        nbrs = multi_fns.allocate(position, extra_capacity, box=None if box_now is None else box_matrix(box_now))
+        box_now = None if box_now is None else jnp.asarray(_host_box(box_now), position.dtype)
+        nbrs = multi_fns.allocate(position, extra_capacity, box=box_now)
         return dataclasses.replace(nbrs, update_fn=multi_wrap)
 
     def allocate(position, extra_capacity: int = 0, **kwargs):
         current = kwargs.get("box", box)
         if multi_image is True or not min_image_is_exact(current, cutoff):
             if multi_image is False:
-                widths = np.round(np.asarray(perpendicular_widths(current)), 3).tolist()
+                widths = np.round(_host_widths(current), 3).tolist()
                 raise ValueError(
                     f"box widths {widths} Å are smaller than 2 × (cutoff + dr_threshold) = {2 * cutoff:.3f} Å: "
                     "jax-md's neighbor lists and periodic displacements are minimum-image and would miss "
@@ -483,13 +503,13 @@ class JaxMDSystem(NamedTuple):
         positions = np.asarray(positions, dtype=np.float64)
         box = self.box if box is None else box
         if self.fractional and box is not None:
-            positions = positions @ np.asarray(box_matrix(box), dtype=np.float64).T
+            positions = positions @ _host_box(box).T
         return positions @ self.rotation
 
     def cell(self, box=None) -> np.ndarray:
         """ASE cell (rows = lattice vectors) in the original frame."""
         box = self.box if box is None else box
-        return np.asarray(box_matrix(box), dtype=np.float64).T @ self.rotation
+        return _host_box(box).T @ self.rotation
 
     def to_original_frame(self, vectors) -> np.ndarray:
         """Real-space vectors (forces, velocities) back to the original frame."""
