@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 from ase.build import bulk, molecule
 
-pytest.importorskip("flatbuffers")  # jax.export serialisation needs it
-
 from mpnn.export import graph_inputs  # noqa: E402
 from mpnn.export import main as export_main  # noqa: E402
 from mpnn.saved_model import load_model, save_model  # noqa: E402
