@@ -26,6 +26,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mpnn").setLevel(logging.INFO)
     config = load_config(args.config, list(args.overrides) + (["run.resume=true"] if args.resume else []))
 
+    if config.model.dtype == "float64":
+        from mpnn.potential import enable_x64
+
+        enable_x64()  # an entry point owns its process: the one place precision is switched
+
     from mpnn.evaluate import format_metrics
     from mpnn.training.loop import train
 

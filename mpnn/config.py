@@ -40,31 +40,42 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Architecture and its hyperparameters. Fields not used by a model are ignored by it."""
+    """What every model section has; each model extends it with its own fields and
+    defaults (`mpnn.models`: NequIPConfig, MACEConfig, ...).
+
+    The `model:` section of a config is the chosen model's config: `name` picks the
+    class, and a key that model does not have is an error.
+    """
 
     name: str = "nequip"
     cutoff: float = 5.0  # Å
-    num_layers: int = 3
-    num_features: int = 32  # channels per irrep in hidden layers
-    l_max: int = 2  # highest degree of edge spherical harmonics (and hidden features)
-    parity: bool = False  # also carry pseudo-tensor features (0o, 1e, 2o, ...) in hidden layers
-    num_radial: int = 8  # Bessel functions
-    envelope_p: int = 6  # polynomial envelope exponent
-    radial_mlp: tuple[int, ...] = (64, 64)
-    readout_mlp: int = 16  # hidden width of the scalar readout MLP
-    # MACE only
-    correlation: int = 3
-    max_L: int = 1  # highest degree of hidden node features in MACE
+    # Short-range safety net: "zbl" adds ZBL screened nuclear repulsion (mpnn/terms/zbl.py),
+    # switched smoothly (C²) from full strength at zbl_r_inner to zero at zbl_r_outer (Å).
+    pair_repulsion: str | None = None  # None or "zbl"
+    zbl_r_inner: float = 1.0
+    zbl_r_outer: float = 1.8
     # Energy scaling. e0: per-element reference energies (eV) or "fit" (least squares).
     e0: dict[str, float] | str = "fit"
     scale: float | str = "forces_rms"  # number, "forces_rms" or "energy_std"
     dtype: str = "float32"  # "float32" or "float64"
 
+    def __post_init__(self):
+        where = f"model ({self.name})"
+        if self.pair_repulsion not in (None, "zbl"):
+            raise ConfigError(f"{where}.pair_repulsion: {self.pair_repulsion!r} is not one of null, zbl")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"{where}.dtype: {self.dtype!r} is not float32 or float64")
+        if self.pair_repulsion and not 0 <= self.zbl_r_inner < self.zbl_r_outer <= self.cutoff:
+            raise ConfigError(
+                f"{where}: ZBL switching needs 0 <= zbl_r_inner < zbl_r_outer <= cutoff, got "
+                f"{self.zbl_r_inner}, {self.zbl_r_outer}, {self.cutoff}"
+            )
+
 
 @dataclass
 class TrainConfig:
     max_epochs: int = 100
-    max_time: float | None = None  # seconds of training wall time; stops after the epoch
+    max_time: float | None = None  # seconds of training wall time; checked after every step
     batch_size: int = 8
     eval_batch_size: int = 32
     optimizer: str = "amsgrad"  # "adam" or "amsgrad"
@@ -95,7 +106,7 @@ class RunConfig:
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: model_config("nequip"))
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -113,7 +124,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in args:
             if option is type(None):
                 if value is None:
@@ -121,8 +131,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 continue
             try:
                 return _coerce(value, option, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: {value!r} does not match {tp}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -151,12 +161,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _from_dict(cls: type, values: dict, where: str = "config") -> Any:
+def model_config(name: str = "nequip", **values) -> ModelConfig:
+    """The config of model `name` with its own defaults, updated by `values`
+    (e.g. `model_config("mace", num_features=64)`); unknown keys are errors."""
+    from mpnn.models import MODELS  # models import this module: import here, not at the top
+
+    if name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {name!r}; available: {sorted(MODELS)}")
+    return _from_dict(MODELS[name].config, {"name": name, **values}, "model", model_name=name)
+
+
+def _from_dict(cls: type, values: dict, where: str = "config", model_name: str | None = None) -> Any:
+    if cls is ModelConfig:  # the model section: the chosen model's own config class
+        values = dict(values)
+        return model_config(values.pop("name", "nequip"), **values)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+        what = f"model {model_name!r}" if model_name else where
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for {what}; known: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
     return cls(**kwargs)
 
@@ -192,6 +216,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     Override values are parsed as YAML (`train.lr=1e-3`, `model.radial_mlp=[32,32]`).
     """
     values = to_dict(Config())
+    # The model section starts empty: its defaults are those of the model finally named.
+    values["model"] = {}
     if path is not None:
         with open(path) as f:
             loaded = yaml.safe_load(f) or {}

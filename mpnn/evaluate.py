@@ -17,7 +17,7 @@ import jraph
 
 from mpnn.data.frames import read_frames, validate_frame
 from mpnn.data.graphs import frame_to_graph, iterate_batches
-from mpnn.potential import TRACE_COUNTS, Potential, cast_graph, predict_graph
+from mpnn.potential import CountedJit, Potential, cast_graph, energy_and_derivatives
 from mpnn.training.loss import error_sums, summarise
 
 
@@ -25,10 +25,9 @@ def make_error_fn(potential: Potential):
     """Jitted (variables, graph) → error sums, for evaluating any parameters of this model."""
 
     def errors(variables, graph):
-        TRACE_COUNTS["errors"] += 1
-        return error_sums(predict_graph(potential.model.apply, variables, graph), graph)
+        return error_sums(energy_and_derivatives(potential, variables, graph), graph)
 
-    return jax.jit(errors)
+    return CountedJit(errors)
 
 
 def evaluate_graphs(
@@ -83,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "float64"], help="override the saved dtype")
     args = parser.parse_args(argv)
 
-    potential = load_model(args.model, dtype=args.dtype)
+    potential = load_model(args.model, dtype=args.dtype, set_precision=True)
     data = potential.config.data
     keys = dict(energy_key=data.energy_key, forces_key=data.forces_key, stress_key=data.stress_key, virial_key=data.virial_key)
     metrics = evaluate_file(potential, args.data, args.batch_size, keys)

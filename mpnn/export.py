@@ -61,9 +61,10 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import jraph
 import numpy as np
 
-from mpnn.potential import TRACE_COUNTS, Potential, energy_and_derivatives
+from mpnn.potential import Potential, energy_and_derivatives
 
 FORMAT = "mpnn-export"
 FORMAT_VERSION = 1
@@ -89,31 +90,24 @@ def single_graph_fn(potential: Potential):
     """(positions, species, senders, receivers, shifts, cell) → (energy, forces, virial, energies, virials).
 
     One structure per call; species −1 marks padding nodes, and edges touching a padding
-    node are redirected to an internal padding node with a zero vector, so they change
-    nothing. Built on `energy_and_derivatives`: the model and its derivatives are the
-    ones training and the ASE calculator use.
+    node are masked out, so they change nothing. Built on `energy_and_derivatives`: the
+    energy terms and their derivatives are the ones training and the ASE calculator use.
     """
     dtype = potential.np_dtype
 
     def fn(positions, species, senders, receivers, shifts, cell):
-        TRACE_COUNTS["export"] += 1
-        n = positions.shape[0]
-        real = species >= 0
-        edge_ok = real[senders] & real[receivers]
-        send = jnp.where(edge_ok, senders, n)
-        recv = jnp.where(edge_ok, receivers, n)
-        pos = jnp.concatenate([positions, jnp.zeros((1, 3), positions.dtype)])
-        vectors = pos[recv] - pos[send] + shifts @ cell
-        vectors = jnp.where(edge_ok[:, None], vectors, 0.0).astype(dtype)
-        species_ext = jnp.concatenate([jnp.where(real, species, 0), jnp.zeros(1, species.dtype)])
-        out = energy_and_derivatives(
-            potential.model.apply, potential.variables, vectors, species_ext, send, recv,
-            jnp.array([n, 1]), jnp.array([senders.shape[0], 0]), jnp.stack([cell, jnp.zeros_like(cell)]),
+        node_mask = species >= 0
+        graph = jraph.GraphsTuple(
+            nodes={"positions": positions.astype(dtype), "species": jnp.where(node_mask, species, 0), "mask": node_mask},
+            edges={"shifts": shifts.astype(dtype), "mask": node_mask[senders] & node_mask[receivers]},
+            globals={"cell": cell.astype(dtype)[None]},
+            senders=senders,
+            receivers=receivers,
+            n_node=jnp.array([positions.shape[0]]),
+            n_edge=jnp.array([senders.shape[0]]),
         )
-        node_energy = jnp.where(real, out["node_energy"][:n], 0.0)
-        forces = jnp.where(real[:, None], out["forces"][:n], 0.0)
-        virials = jnp.where(real[:, None, None], out["node_virial"][:n], 0.0)
-        return node_energy.sum(), forces, out["virial"][0], node_energy, virials
+        out = energy_and_derivatives(potential, potential.variables, graph)
+        return out["energy"][0], out["forces"], out["virial"][0], out["node_energy"], out["node_virial"]
 
     return fn
 
@@ -241,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from mpnn.saved_model import load_model
 
-    potential = load_model(args.model, dtype=args.dtype)
+    potential = load_model(args.model, dtype=args.dtype, set_precision=True)
     buckets = [_parse_bucket(b) for b in args.bucket] if args.bucket else list(DEFAULT_BUCKETS)
     platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
     manifest = export_model(potential, args.out, buckets, platforms)

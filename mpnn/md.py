@@ -46,7 +46,7 @@ import numpy as np
 from ase import units
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from mpnn.potential import TRACE_COUNTS, Potential
+from mpnn.potential import CountedJit, Potential
 
 ENSEMBLES = ("nve", "nvt", "npt")
 MAX_REALLOCATIONS = 100
@@ -184,10 +184,8 @@ def _run_md(
             out["pressure_bar"] = quantity.pressure(energy, state.position, box, e_kin, neighbor=nbrs) / units.bar
         return out
 
-    @jax.jit
     def run_chunk(state, nbrs, n_steps):
         """Up to n_steps steps; stops before a step whose neighbor list overflowed."""
-        TRACE_COUNTS["md_chunk"] += 1
 
         def cond(carry):
             _, _, done, bad = carry
@@ -204,6 +202,7 @@ def _run_md(
         state, nbrs, done, bad = jax.lax.while_loop(cond, body, (state, nbrs, jnp.int32(0), jnp.bool_(False)))
         return state, nbrs, done, bad, observe(state, nbrs)
 
+    run_chunk = CountedJit(run_chunk)
     columns = _log_columns(ensemble)
     log_rows: list[dict] = []
     log_handle = None
@@ -271,10 +270,10 @@ def _run_md(
         record(state, obs, 0)
         while step < steps:
             target = min(steps, (step // interval + 1) * interval)
-            start, traces = time.perf_counter(), TRACE_COUNTS["md_chunk"]
+            start, traces = time.perf_counter(), run_chunk.n_compiles
             state, nbrs, done, bad, obs = run_chunk(state, nbrs, jnp.int32(target - step))
             done, bad = int(done), bool(bad)
-            if TRACE_COUNTS["md_chunk"] != traces:  # recompiled (new list capacity): not a timing sample
+            if run_chunk.n_compiles != traces:  # recompiled (new list capacity): not a timing sample
                 compile_s += time.perf_counter() - start
             else:
                 run_s += time.perf_counter() - start
@@ -343,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from mpnn.saved_model import load_model
 
-    potential = load_model(args.model, dtype=args.dtype)
+    potential = load_model(args.model, dtype=args.dtype, set_precision=True)
     index = int(args.index) if args.index.lstrip("-").isdigit() else args.index
     atoms = ase.io.read(args.structure, index=index)
     if args.repeat:

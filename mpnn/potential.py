@@ -1,22 +1,37 @@
-"""From a model's per-atom energies to energy, forces, stress and per-atom virials.
+"""The total energy, made of terms, and everything derived from it.
 
-The model is a pure function of edge vectors. We differentiate the total energy with
-respect to the edge vectors once (one backward pass) and get:
+    E = Σ_i [scale · ε_i + shift + E0(Z_i)]      learned local model, per atom
+      + Σ_(i,j) V_pair(r_ij)                      pair terms on edges (ZBL repulsion)
+      + Σ_k E_k(positions, cell, per-atom outputs) global terms (electrostatics: later)
 
-    forces   F_i = Σ_{e: send(e)=i} g_e − Σ_{e: recv(e)=i} g_e,        g_e = ∂E/∂v_e
-    virial   W   = −Σ_e v_e ⊗ g_e                (eV)
-    stress   σ   = −W / V = (1/V) ∂E/∂ε          (eV/Å³, ASE sign convention)
+This module is the one place that formula lives: training, evaluation, the ASE
+calculator, jax-md and export all call `local_energies` / `energy_and_derivatives`.
+
+Derivatives come from one backward pass. Local and pair terms are functions of the edge
+vectors v_e = r[recv] − r[send] + shift_e·cell; with g_e = ∂E/∂v_e
+
+    forces   F_i = Σ_{e: send(e)=i} g_e − Σ_{e: recv(e)=i} g_e
+    virial   W   = −Σ_e v_e ⊗ g_e                 (eV)
     per-atom virial: each edge's −v_e ⊗ g_e split half to each of its two atoms.
 
 This holds for periodic cells because a strain ε maps every edge vector v → v(1+ε),
-including the cell-shift part.
+including the cell-shift part. A global term is not a function of edge vectors alone,
+so it sees positions and cells under a strain ε (r → r(1+ε), cell → cell(1+ε)) and
+adds −∂E/∂r to the forces and −∂E/∂ε to the virial; its per-atom energies are whatever
+the term defines, and per-atom virials cover local and pair terms only.
+
+    stress   σ = −W / V = (1/V) ∂E/∂ε             (eV/Å³, ASE sign convention)
+
+Padding is explicit: graphs carry `nodes["mask"]` and `edges["mask"]` (False = padding),
+and every term uses them; nothing relies on padding edges having zero length.
 """
 
 from __future__ import annotations
 
-import collections
+import dataclasses
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import ase
 import jax
@@ -26,10 +41,63 @@ import numpy as np
 
 from mpnn.data.frames import Frame
 from mpnn.data.graphs import batch_and_pad, frame_to_graph
+from mpnn.nn.radial import masked_edge_vectors, safe_norm
 
-# How often each jitted function was traced (= compiled) for a new input shape. A number
-# that keeps growing in a hot loop means shapes are not bucketed.
-TRACE_COUNTS: collections.Counter = collections.Counter()
+
+class CountedJit:
+    """`jax.jit(fun)` that counts its traces in `n_compiles` (a trace happens exactly when
+    XLA compiles for a new input shape or dtype). A number that keeps growing in a hot loop
+    means shapes are not bucketed."""
+
+    def __init__(self, fun: Callable, **jit_kwargs):
+        self.n_compiles = 0
+
+        @functools.wraps(fun)
+        def traced(*args, **kwargs):
+            self.n_compiles += 1  # runs only while tracing
+            return fun(*args, **kwargs)
+
+        self._jitted = jax.jit(traced, **jit_kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self._jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._jitted.lower(*args, **kwargs)
+
+
+class PrecisionError(RuntimeError):
+    """A float64 potential in a process where JAX runs in 32 bits."""
+
+
+def enable_x64() -> None:
+    """Switch JAX to 64-bit floats for this process. Call it once, at the start of a
+    program that uses float64 potentials (the command-line tools do it for
+    `model.dtype: float64`); mpnn never switches it behind your back."""
+    jax.config.update("jax_enable_x64", True)
+
+
+# --- energy terms -----------------------------------------------------------------------
+
+
+class PairTerm(Protocol):
+    """A pair potential on the edges of the neighbor list (e.g. `mpnn.terms.zbl.ZBLRepulsion`)."""
+
+    def edge_energies(self, lengths, z_senders, z_receivers, edge_mask) -> jnp.ndarray:
+        """lengths [n_edge] Å (padding edges hold a safe dummy length), atomic numbers of
+        both ends [n_edge], edge_mask [n_edge] → eV per directed edge [n_edge], zero on
+        padding edges; the two directions of a pair sum to its pair energy."""
+
+
+class GlobalTerm(Protocol):
+    """An energy term of whole frames (e.g. electrostatics of predicted charges)."""
+
+    def __call__(self, positions, cell, numbers, node_mask, node_graph, n_graph, node_outputs):
+        """positions [n_node, 3] Å, cell [n_graph, 3, 3] Å (rows; zeros where not
+        periodic), atomic numbers [n_node], node_mask [n_node], node_graph [n_node] (frame
+        of each node), n_graph (static int), node_outputs (dict of per-atom model outputs)
+        → (energy per frame [n_graph] eV, per-atom energies [n_node] eV or None).
+        Must be differentiable in positions and cell."""
 
 
 def edge_vectors(positions, cell, shifts, senders, receivers, n_edge) -> jnp.ndarray:
@@ -38,104 +106,33 @@ def edge_vectors(positions, cell, shifts, senders, receivers, n_edge) -> jnp.nda
     return positions[receivers] - positions[senders] + jnp.einsum("ei,eij->ej", shifts, cell[edge_graph])
 
 
-def energy_and_derivatives(
-    apply_model: Callable,
-    variables: dict,
-    vectors: jnp.ndarray,
-    species: jnp.ndarray,
-    senders: jnp.ndarray,
-    receivers: jnp.ndarray,
-    n_node: jnp.ndarray,
-    n_edge: jnp.ndarray,
-    cell: jnp.ndarray,
-) -> dict[str, jnp.ndarray]:
-    """Everything the potential predicts for one padded batch.
-
-    variables: {"model": flax params, "scale": (), "shift": (), "e0": [n_species]} (eV).
-    Returns energy [n_graph], node_energy [n_node], forces [n_node, 3], virial [n_graph, 3, 3],
-    stress [n_graph, 3, 3] (zero where the cell has no volume), node_virial [n_node, 3, 3].
-    """
-    num_nodes = species.shape[0]
-    num_graphs = n_node.shape[0]
-
-    def total_energy(vectors):
-        model_energy = apply_model({"params": variables["model"]}, vectors, species, senders, receivers)
-        node_energy = variables["scale"] * model_energy + variables["shift"] + variables["e0"][species]
-        return node_energy.sum(), node_energy
-
-    (_, node_energy), grad = jax.value_and_grad(total_energy, has_aux=True)(vectors)
-    forces = jax.ops.segment_sum(grad, senders, num_nodes) - jax.ops.segment_sum(grad, receivers, num_nodes)
-    node_graph = jnp.repeat(jnp.arange(num_graphs), n_node, total_repeat_length=num_nodes)
-    edge_graph = jnp.repeat(jnp.arange(num_graphs), n_edge, total_repeat_length=senders.shape[0])
-    edge_virial = -jnp.einsum("ei,ej->eij", vectors, grad)
-    edge_virial = 0.5 * (edge_virial + jnp.swapaxes(edge_virial, 1, 2))
-    virial = jax.ops.segment_sum(edge_virial, edge_graph, num_graphs)
-    node_virial = 0.5 * (
-        jax.ops.segment_sum(edge_virial, senders, num_nodes) + jax.ops.segment_sum(edge_virial, receivers, num_nodes)
-    )
-    volume = jnp.abs(jnp.linalg.det(cell))
-    has_volume = volume > 1e-12
-    stress = jnp.where(has_volume[:, None, None], -virial / jnp.where(has_volume, volume, 1.0)[:, None, None], 0.0)
-    return {
-        "energy": jax.ops.segment_sum(node_energy, node_graph, num_graphs),
-        "node_energy": node_energy,
-        "forces": forces,
-        "virial": virial,
-        "stress": stress,
-        "node_virial": node_virial,
-    }
-
-
-def predict_graph(apply_model: Callable, variables: dict, graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:
-    """`energy_and_derivatives` for a padded `GraphsTuple` from `mpnn.data.graphs`."""
-    vectors = edge_vectors(
-        graph.nodes["positions"], graph.globals["cell"], graph.edges["shifts"], graph.senders, graph.receivers, graph.n_edge
-    )
-    return energy_and_derivatives(
-        apply_model,
-        variables,
-        vectors,
-        graph.nodes["species"],
-        graph.senders,
-        graph.receivers,
-        graph.n_node,
-        graph.n_edge,
-        graph.globals["cell"],
-    )
-
-
-def cast_graph(graph: jraph.GraphsTuple, dtype) -> jraph.GraphsTuple:
-    """Floating arrays of a graph to `dtype` (integers untouched)."""
-
-    def cast(x):
-        x = np.asarray(x)
-        return x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x
-
-    return jax.tree_util.tree_map(cast, graph)
-
-
-def cast_tree(tree, dtype):
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree)
-
-
 @dataclass
 class Potential:
-    """A model with its parameters and energy scaling, ready to predict.
+    """A model with its parameters, energy scaling and extra energy terms, ready to predict.
 
     `numbers` lists the atomic numbers the model knows; species index k means numbers[k].
+    variables: {"model": flax params, "scale": (), "shift": (), "e0": [n_species]} (eV).
+    Build one with `mpnn.build_potential` (fresh) or `mpnn.load` (saved).
     """
 
-    model: Any  # flax module
-    variables: dict  # {"model": params, "scale", "shift", "e0"}
+    model: Any  # flax module: the learned local term
+    variables: dict
     numbers: tuple[int, ...]
     cutoff: float
     dtype: str = "float32"
     config: Any = None  # the resolved mpnn.config.Config it was trained with
-    _jitted: Callable | None = field(default=None, repr=False)
+    pair_terms: tuple = ()  # PairTerm instances
+    global_terms: tuple = ()  # GlobalTerm instances
+    _jitted: CountedJit | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.dtype == "float64":
-            jax.config.update("jax_enable_x64", True)
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise PrecisionError(
+                "this potential is float64 but JAX runs in 32 bits: call mpnn.enable_x64() at the start "
+                "of your program (before creating arrays), or use dtype='float32' (mpnn.load(path, dtype='float32'))"
+            )
         self.variables = cast_tree(self.variables, self.np_dtype)
 
     @property
@@ -146,15 +143,52 @@ class Potential:
     def species_index(self) -> dict[int, int]:
         return {z: k for k, z in enumerate(self.numbers)}
 
+    @property
+    def n_compiles(self) -> int:
+        """Compilations of `predict_graph` so far."""
+        return 0 if self._jitted is None else self._jitted.n_compiles
+
+    def replace(self, **changes) -> "Potential":
+        """A copy with some fields changed (e.g. variables=...)."""
+        return dataclasses.replace(self, _jitted=None, **changes)
+
+    # --- the energy -------------------------------------------------------------------
+
+    def local_energies(self, variables, vectors, species, senders, receivers, node_mask, edge_mask):
+        """Per-atom energies (eV) of the local model and the pair terms, [n_node]; 0 on padding.
+
+        vectors [n_edge, 3] Å; species [n_node]; senders, receivers [n_edge]; masks bool.
+        """
+        vectors = masked_edge_vectors(vectors, edge_mask)
+        model_energy = self.model.apply({"params": variables["model"]}, vectors, species, senders, receivers, edge_mask)
+        energy = variables["scale"] * model_energy + variables["shift"] + variables["e0"][species]
+        if self.pair_terms:
+            numbers = jnp.asarray(self.numbers, jnp.int32)[species]
+            lengths = safe_norm(vectors)
+            for term in self.pair_terms:
+                per_edge = term.edge_energies(lengths, numbers[senders], numbers[receivers], edge_mask)
+                # Half of a pair's energy rides on each direction: each atom gets half of its pairs.
+                energy = energy + jax.ops.segment_sum(per_edge, receivers, species.shape[0])
+        return jnp.where(node_mask, energy, 0.0)
+
+    def global_energies(self, variables, positions, cell, species, node_mask, node_graph, n_graph):
+        """Σ over global terms: (energy per frame [n_graph], per-atom energies [n_node]) in eV."""
+        numbers = jnp.asarray(self.numbers, jnp.int32)[species]
+        graph_energy = jnp.zeros(n_graph, positions.dtype)
+        node_energy = jnp.zeros(species.shape[0], positions.dtype)
+        for term in self.global_terms:
+            term_graph, term_node = term(positions, cell, numbers, node_mask, node_graph, n_graph, {})
+            graph_energy = graph_energy + term_graph
+            if term_node is not None:
+                node_energy = node_energy + jnp.where(node_mask, term_node, 0.0)
+        return graph_energy, node_energy
+
+    # --- prediction -------------------------------------------------------------------
+
     def predict_graph(self, graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:
-        """Jitted prediction on a padded graph (see `mpnn.data.graphs`)."""
+        """Jitted `energy_and_derivatives` on a padded graph (see `mpnn.data.graphs`)."""
         if self._jitted is None:
-
-            def predict(variables, graph):
-                TRACE_COUNTS["predict_graph"] += 1  # runs only when tracing, i.e. compiling
-                return predict_graph(self.model.apply, variables, graph)
-
-            self._jitted = jax.jit(predict)
+            self._jitted = CountedJit(lambda variables, graph: energy_and_derivatives(self, variables, graph))
         return self._jitted(self.variables, cast_graph(graph, self.np_dtype))
 
     def to_graph(self, atoms: ase.Atoms | Frame) -> jraph.GraphsTuple:
@@ -166,7 +200,7 @@ class Potential:
 
     def predict(self, structures: Sequence[ase.Atoms | Frame], batch_size: int = 16) -> list[dict[str, np.ndarray]]:
         """Energy (eV), forces (eV/Å), per-atom energies (eV), and for periodic cells
-        stress (eV/Å³, ASE sign) and virial (eV), one dict per structure."""
+        stress (eV/Å³, ASE sign), virial (eV) and per-atom virials, one dict per structure."""
         if isinstance(structures, (ase.Atoms, Frame)):
             structures = [structures]
         results = []
@@ -179,13 +213,12 @@ class Potential:
             offset = 0
             for k, (structure, graph) in enumerate(zip(chunk, graphs)):
                 n = int(graph.n_node[0])
-                pbc = structure.pbc
                 result = {
                     "energy": float(out["energy"][k]),
                     "forces": np.asarray(out["forces"][offset : offset + n], dtype=np.float64),
                     "energies": np.asarray(out["node_energy"][offset : offset + n], dtype=np.float64),
                 }
-                if np.any(pbc):
+                if np.any(structure.pbc):
                     result["stress"] = np.asarray(out["stress"][k], dtype=np.float64)
                     result["virial"] = np.asarray(out["virial"][k], dtype=np.float64)
                     result["virials"] = np.asarray(out["node_virial"][offset : offset + n], dtype=np.float64)
@@ -194,25 +227,121 @@ class Potential:
         return results
 
 
-def init_potential(
+def energy_and_derivatives(
+    potential: Potential, variables: dict, graph: jraph.GraphsTuple, vectors: jnp.ndarray | None = None
+) -> dict[str, jnp.ndarray]:
+    """Everything the potential predicts for one padded batch, from one backward pass.
+
+    graph: nodes {"positions" [n_node, 3], "species", "mask"}, edges {"shifts", "mask"},
+    globals {"cell" [n_graph, 3, 3]}, senders, receivers, n_node, n_edge. `vectors`
+    overrides the edge vectors computed from positions, shifts and cells (jax-md passes
+    its displacements).
+    Returns energy [n_graph], node_energy [n_node], forces [n_node, 3], virial
+    [n_graph, 3, 3], stress [n_graph, 3, 3] (zero where the cell has no volume),
+    node_virial [n_node, 3, 3] (local and pair terms).
+    """
+    species, node_mask, positions = graph.nodes["species"], graph.nodes["mask"], graph.nodes["positions"]
+    senders, receivers, edge_mask = graph.senders, graph.receivers, graph.edges["mask"]
+    cell = graph.globals["cell"]
+    num_nodes, num_graphs = species.shape[0], graph.n_node.shape[0]
+    node_graph = jnp.repeat(jnp.arange(num_graphs), graph.n_node, total_repeat_length=num_nodes)
+    edge_graph = jnp.repeat(jnp.arange(num_graphs), graph.n_edge, total_repeat_length=senders.shape[0])
+    if vectors is None:
+        vectors = edge_vectors(positions, cell, graph.edges["shifts"], senders, receivers, graph.n_edge)
+    has_global = bool(potential.global_terms)
+
+    def total_energy(vectors, positions, strain):
+        node_energy = potential.local_energies(variables, vectors, species, senders, receivers, node_mask, edge_mask)
+        graph_energy = jax.ops.segment_sum(node_energy, node_graph, num_graphs)
+        if has_global:
+            strained_positions = positions + jnp.einsum("ni,nij->nj", positions, strain[node_graph])
+            strained_cell = cell + jnp.einsum("gki,gij->gkj", cell, strain)
+            global_graph, global_node = potential.global_energies(
+                variables, strained_positions, strained_cell, species, node_mask, node_graph, num_graphs
+            )
+            graph_energy, node_energy = graph_energy + global_graph, node_energy + global_node
+        return jnp.sum(graph_energy), (graph_energy, node_energy)
+
+    strain = jnp.zeros((num_graphs, 3, 3), vectors.dtype)
+    argnums = (0, 1, 2) if has_global else (0,)
+    (_, (energy, node_energy)), grads = jax.value_and_grad(total_energy, argnums, has_aux=True)(vectors, positions, strain)
+    grad = grads[0]
+    forces = jax.ops.segment_sum(grad, senders, num_nodes) - jax.ops.segment_sum(grad, receivers, num_nodes)
+    edge_virial = -jnp.einsum("ei,ej->eij", vectors, grad)
+    edge_virial = 0.5 * (edge_virial + jnp.swapaxes(edge_virial, 1, 2))
+    virial = jax.ops.segment_sum(edge_virial, edge_graph, num_graphs)
+    node_virial = 0.5 * (
+        jax.ops.segment_sum(edge_virial, senders, num_nodes) + jax.ops.segment_sum(edge_virial, receivers, num_nodes)
+    )
+    if has_global:
+        forces = forces - grads[1]
+        strain_virial = -grads[2]
+        virial = virial + 0.5 * (strain_virial + jnp.swapaxes(strain_virial, 1, 2))
+    volume = jnp.abs(jnp.linalg.det(cell))
+    has_volume = volume > 1e-12
+    stress = jnp.where(has_volume[:, None, None], -virial / jnp.where(has_volume, volume, 1.0)[:, None, None], 0.0)
+    return {
+        "energy": energy,
+        "node_energy": node_energy,
+        "forces": jnp.where(node_mask[:, None], forces, 0.0),
+        "virial": virial,
+        "stress": stress,
+        "node_virial": node_virial,
+    }
+
+
+def cast_graph(graph: jraph.GraphsTuple, dtype) -> jraph.GraphsTuple:
+    """Floating arrays of a graph to `dtype` (integers and masks untouched)."""
+
+    def cast(x):
+        x = np.asarray(x)
+        return x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x
+
+    return jax.tree_util.tree_map(cast, graph)
+
+
+def cast_tree(tree, dtype):
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree)
+
+
+def energy_terms(model_config) -> tuple[tuple, tuple]:
+    """(pair_terms, global_terms) that a model config switches on."""
+    pair_terms = []
+    if model_config.pair_repulsion == "zbl":
+        from mpnn.terms.zbl import ZBLRepulsion
+
+        pair_terms.append(ZBLRepulsion(model_config.zbl_r_inner, model_config.zbl_r_outer))
+    return tuple(pair_terms), ()
+
+
+def build_potential(
     model_config,
     numbers: Sequence[int],
-    avg_num_neighbors: float,
+    avg_num_neighbors: float = 1.0,
     e0: Sequence[float] | None = None,
     scale: float = 1.0,
     shift: float = 0.0,
     seed: int = 0,
     config: Any = None,
 ) -> Potential:
-    """A freshly initialised potential for a `ModelConfig` and the elements `numbers`."""
+    """A freshly initialised potential for a model config and the elements `numbers`.
+
+    model_config: a model config (`mpnn.config.model_config("mace", num_features=64)`),
+    or a dict such as {"name": "mace", "num_features": 64}. avg_num_neighbors divides
+    neighbor sums (training sets it from the data); e0 [len(numbers)] eV per element;
+    energy = scale · model + shift + E0. No data set needed (benchmarks, notebooks).
+    """
+    from mpnn.config import Config, model_config as make_model_config
     from mpnn.models import build_model
 
+    if isinstance(model_config, dict):
+        model_config = make_model_config(**model_config)
     numbers = tuple(int(z) for z in numbers)
     model = build_model(model_config, len(numbers), avg_num_neighbors)
     # Two atoms, one edge each way: enough to create every parameter.
     vectors = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
     params = jax.jit(model.init)(
-        jax.random.PRNGKey(seed), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0])
+        jax.random.PRNGKey(seed), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0]), jnp.ones(2, bool)
     )["params"]
     variables = {
         "model": params,
@@ -220,4 +349,9 @@ def init_potential(
         "shift": jnp.asarray(shift),
         "e0": jnp.asarray(np.zeros(len(numbers)) if e0 is None else np.asarray(e0, dtype=np.float64)),
     }
-    return Potential(model, variables, numbers, model_config.cutoff, model_config.dtype, config)
+    pair_terms, global_terms = energy_terms(model_config)
+    config = config if config is not None else Config(model=model_config)
+    return Potential(model, variables, numbers, model_config.cutoff, model_config.dtype, config, pair_terms, global_terms)
+
+
+init_potential = build_potential  # the name used before the public one

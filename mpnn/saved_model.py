@@ -1,6 +1,6 @@
 """Deployable model folders: everything needed to rebuild a `Potential`, no pickle.
 
-    MODEL/config.yaml      the resolved run config (model hyperparameters among it)
+    MODEL/config.yaml      the resolved run config (the model section among it)
     MODEL/params.msgpack   flax msgpack of the variables {"model", "scale", "shift", "e0"}
     MODEL/metadata.json    elements, cutoff, dtype, avg_num_neighbors, package version,
                            and the sha256 of params.msgpack (detects truncated copies)
@@ -11,6 +11,7 @@ sees a half-written model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,10 +25,10 @@ import numpy as np
 import yaml
 
 from mpnn.config import ConfigError, from_dict, save_config
-from mpnn.models import build_model
-from mpnn.potential import Potential, init_potential
+from mpnn.models import MODELS, build_model
+from mpnn.potential import Potential, build_potential, enable_x64, energy_terms
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-model config sections and energy terms; 1 is converted on load
 
 
 class ModelFileError(ValueError):
@@ -79,9 +80,32 @@ def save_model(potential: Potential, path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, dtype: str | None = None) -> Potential:
+def _convert_v1_config(values: dict, where: Path) -> dict:
+    """Format 1 wrote one flat model section with every model's fields; keep the chosen
+    model's keys. Fields a model did not use had no effect, so dropping them is exact."""
+    model = dict(values.get("model") or {})
+    name = model.get("name", "nequip")
+    if name not in MODELS:
+        raise ModelFileError(f"{where}: unknown model {name!r}")
+    known = {f.name for f in dataclasses.fields(MODELS[name].config)}
+    values = dict(values)
+    values["model"] = {k: v for k, v in model.items() if k in known}
+    if name == "nequip" and "parity" not in values["model"]:
+        values["model"]["parity"] = False  # format 1's default (today's NequIP default is True)
+    if name == "mace" and "num_features" not in values["model"]:
+        values["model"]["num_features"] = 32
+    return values
+
+
+def load_model(path: str | Path, dtype: str | None = None, *, set_precision: bool = False) -> Potential:
     """Rebuild the `Potential` saved in folder `path` (a model folder or a run folder
-    holding `model/`), optionally in another dtype ("float32"/"float64")."""
+    holding `model/`), optionally in another dtype ("float32"/"float64").
+
+    A float64 model needs 64-bit JAX (`mpnn.enable_x64()` first, or dtype="float32").
+    set_precision=True switches JAX to 64 bits when the model is float64: for the
+    command-line entry points, which own their process.
+    Folders saved by format 1 (before per-model config sections) load unchanged.
+    """
     path = Path(path)
     if (path / "model" / "metadata.json").is_file():  # a run folder: take its model
         path = path / "model"
@@ -98,12 +122,19 @@ def load_model(path: str | Path, dtype: str | None = None) -> Potential:
         expected_sha = metadata["params_sha256"]
     except (ValueError, KeyError, TypeError) as e:
         raise ModelFileError(f"{path / 'metadata.json'}: unreadable or incomplete ({type(e).__name__}: {e})") from e
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"{path / 'metadata.json'}: format_version {metadata.get('format_version')} is not {FORMAT_VERSION}")
+    version = metadata.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        raise ModelFileError(
+            f"{path / 'metadata.json'}: format_version {version} is not one this mpnn reads (1, {FORMAT_VERSION}); "
+            "a newer mpnn wrote it"
+        )
     try:
         with open(path / "config.yaml") as f:
-            config = from_dict(yaml.safe_load(f))
-    except (yaml.YAMLError, ConfigError) as e:
+            values = yaml.safe_load(f)
+        if version == 1:
+            values = _convert_v1_config(values, path / "config.yaml")
+        config = from_dict(values)
+    except (yaml.YAMLError, ConfigError, AttributeError, TypeError) as e:
         raise ModelFileError(f"{path / 'config.yaml'}: invalid ({e})") from e
     if config.model.cutoff != cutoff:
         raise ModelFileError(f"{path}: config cutoff {config.model.cutoff} != metadata cutoff {cutoff}")
@@ -113,8 +144,18 @@ def load_model(path: str | Path, dtype: str | None = None) -> Potential:
         raise ModelFileError(f"{path / 'params.msgpack'}: checksum mismatch (truncated or modified file)")
 
     config.model.dtype = dtype or metadata.get("dtype", config.model.dtype)
+    if set_precision and config.model.dtype == "float64":
+        enable_x64()
+    model = build_model(config.model, len(numbers), avg_num_neighbors)
     # Only the structure is needed: trace the initialisation without running it.
-    template = jax.eval_shape(lambda: init_potential(config.model, numbers, avg_num_neighbors, config=config).variables)
+    vectors = jax.ShapeDtypeStruct((2, 3), np.float32)
+    index = jax.ShapeDtypeStruct((2,), np.int32)
+    template = {
+        "model": jax.eval_shape(model.init, jax.random.PRNGKey(0), vectors, index, index, index, jax.ShapeDtypeStruct((2,), bool))["params"],
+        "scale": np.zeros(()),
+        "shift": np.zeros(()),
+        "e0": np.zeros(len(numbers)),
+    }
     try:
         state = flax.serialization.msgpack_restore(params_bytes)
         variables = flax.serialization.from_state_dict(template, state)
@@ -123,5 +164,5 @@ def load_model(path: str | Path, dtype: str | None = None) -> Potential:
     shapes = jax.tree_util.tree_map(lambda x: tuple(x.shape), template)
     if jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), variables) != shapes:
         raise ModelFileError(f"{path / 'params.msgpack'}: parameter shapes do not match the config")
-    model = build_model(config.model, len(numbers), avg_num_neighbors)
-    return Potential(model, variables, tuple(numbers), cutoff, config.model.dtype, config)
+    pair_terms, global_terms = energy_terms(config.model)
+    return Potential(model, variables, tuple(numbers), cutoff, config.model.dtype, config, pair_terms, global_terms)

@@ -1,11 +1,15 @@
-"""Shared fixtures. Tests run in float64 where they check symmetry to tight tolerances;
+"""Shared fixtures. Tests run in float64 where they check symmetry to tight tolerances
+(this test process switches JAX to 64 bits, as a user's program would with
+`mpnn.enable_x64()`; test_precision checks float32 in a process that never does);
 models are tiny so the whole suite compiles quickly on 2 CPU cores."""
 
 from __future__ import annotations
 
-import jax
+import mpnn
 
-jax.config.update("jax_enable_x64", True)
+mpnn.enable_x64()
+
+import jax
 
 import ase
 import ase.io
@@ -17,19 +21,17 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 import jax.numpy as jnp
 
-from mpnn.config import Config, ModelConfig, load_config
+from mpnn.config import Config, ModelConfig, load_config, model_config
 from mpnn.models import build_model
 from mpnn.potential import Potential
 
 
 def tiny_model_config(name: str = "nequip", dtype: str = "float64", **kwargs) -> ModelConfig:
     """A model small enough to compile in seconds, big enough to be non-trivial."""
-    values = dict(
-        name=name, cutoff=3.5, num_layers=2, num_features=4, l_max=2, num_radial=4,
-        radial_mlp=(8,), readout_mlp=4, correlation=2, max_L=1, dtype=dtype,
-    )
+    values = dict(cutoff=3.5, num_layers=2, num_features=4, l_max=2, num_radial=4, radial_mlp=(8,), readout_mlp=4, dtype=dtype)
+    values.update({"nequip": dict(parity=False), "mace": dict(correlation=2, max_L=1)}.get(name, {}))
     values.update(kwargs)
-    return ModelConfig(**values)
+    return model_config(name, **values)
 
 
 def emt_cu_frames(n_frames: int, seed: int = 0, repeat: int = 1) -> list[ase.Atoms]:
@@ -87,14 +89,19 @@ def tiny_train_config(train_file: str, run_dir, **overrides) -> Config:
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
 
 
-def random_potential(numbers, e0, scale, seed, dtype="float64"):
+def random_potential(numbers, e0, scale, seed, dtype="float64", **model_kwargs):
     """A tiny model with random N(0, 1) weights, built without compiling `model.init`
     (consistency checks hold for any weights; this saves ~10 s of XLA compilation)."""
-    model_config = tiny_model_config(dtype=dtype)
-    model = build_model(model_config, len(numbers), avg_num_neighbors=8.0)
+    from mpnn.potential import energy_terms
+
+    config = tiny_model_config(dtype=dtype, **model_kwargs)
+    model = build_model(config, len(numbers), avg_num_neighbors=8.0)
     vectors = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0]))
+    shapes = jax.eval_shape(
+        model.init, jax.random.PRNGKey(0), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0]), jnp.ones(2, bool)
+    )
     rng = np.random.default_rng(seed)
     params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape)), shapes["params"])
     variables = {"model": params, "scale": jnp.asarray(scale), "shift": jnp.asarray(0.0), "e0": jnp.asarray(e0, dtype=float)}
-    return Potential(model, variables, tuple(numbers), model_config.cutoff, dtype, Config(model=model_config))
+    pair_terms, global_terms = energy_terms(config)
+    return Potential(model, variables, tuple(numbers), config.cutoff, dtype, Config(model=config), pair_terms, global_terms)

@@ -1,6 +1,8 @@
-"""Physics every registered model must keep (DESIGN.md), in float64 with tight tolerances.
+"""Physics every registered model must keep (the design notes' checklist), in float64
+with tight tolerances, for every model × {no pair term, ZBL repulsion}, and for a
+global energy term (through positions and strain).
 
-One tiny potential per model (module-scoped) with random weights: symmetry and
+One tiny potential per case (module-scoped) with random weights: symmetry and
 consistency hold for any weights, so no training is needed here.
 """
 
@@ -16,7 +18,7 @@ from scipy.spatial.transform import Rotation
 
 from mpnn.data.graphs import batch_and_pad, frame_to_graph, pad_graph
 from mpnn.models import MODELS
-from mpnn.potential import init_potential
+from mpnn.potential import build_potential, cast_graph, energy_and_derivatives
 from tests.conftest import tiny_model_config
 
 MODEL_NAMES = sorted(MODELS)
@@ -24,14 +26,42 @@ NUMBERS = [1, 6, 8, 29]  # H, C, O, Cu
 E0 = [-13.6, -1030.0, -2040.0, -3.5]
 
 
-def make_potential(name: str, dtype: str = "float64", seed: int = 0):
+def make_potential(name: str, dtype: str = "float64", seed: int = 0, **model_kwargs):
     # Non-trivial scale and E0 so the energy assembly is exercised too.
-    return init_potential(tiny_model_config(name, dtype), NUMBERS, avg_num_neighbors=8.0, e0=E0, scale=0.7, seed=seed)
+    return build_potential(
+        tiny_model_config(name, dtype, **model_kwargs), NUMBERS, avg_num_neighbors=8.0, e0=E0, scale=0.7, seed=seed
+    )
 
 
-@pytest.fixture(scope="module", params=MODEL_NAMES)
+class SoftCoulombAndPressure:
+    """A test-only global term: Σ_{i<j in a frame} q_i q_j erf(r_ij)/r_ij over all pairs (no
+    cutoff, no images) with fixed charges per element, plus p·V per periodic frame. Not
+    physics, but a smooth function of positions and cell that no edge list describes: it
+    checks the position and strain derivative route of `energy_and_derivatives`."""
+
+    pressure = 0.01  # eV/Å³
+
+    def __call__(self, positions, cell, numbers, node_mask, node_graph, n_graph, node_outputs):
+        import jax.scipy.special
+
+        charges = jnp.where(node_mask, 0.1 * (numbers % 3) - 0.1, 0.0)
+        diff = positions[:, None, :] - positions[None, :, :]
+        same = (node_graph[:, None] == node_graph[None, :]) & ~jnp.eye(len(numbers), dtype=bool)
+        r = jnp.sqrt(jnp.where(same[..., None], diff, 1.0).__pow__(2).sum(-1))
+        pair = jnp.where(same, charges[:, None] * charges[None, :] * jax.scipy.special.erf(r) / r, 0.0)
+        node_energy = 0.5 * pair.sum(axis=1)
+        volume = jnp.abs(jnp.linalg.det(cell))
+        graph_energy = jax.ops.segment_sum(node_energy, node_graph, n_graph) + self.pressure * volume
+        return graph_energy, node_energy
+
+
+CASES = [(name, None) for name in MODEL_NAMES] + [(name, "zbl") for name in MODEL_NAMES]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1] or 'plain'}")
 def potential(request):
-    return make_potential(request.param)
+    name, pair_repulsion = request.param
+    return make_potential(name, pair_repulsion=pair_repulsion)
 
 
 def ethanol(seed: int = 0) -> ase.Atoms:
@@ -206,6 +236,12 @@ def test_padding_and_batching_change_nothing(potential):
     loose = potential.predict_graph(pad_graph(graph, n_node + 37, n_edge + 101, 5))
     assert float(tight["energy"][0]) == pytest.approx(float(loose["energy"][0]), rel=1e-12)
     assert np.allclose(tight["forces"][:n_node], loose["forces"][:n_node], atol=1e-12)
+    # Masks, not zero lengths, keep padding out: garbage padding positions change nothing.
+    garbage = pad_graph(graph, n_node + 37, n_edge + 101, 5)
+    garbage.nodes["positions"][n_node:] = np.random.default_rng(0).normal(0, 0.3, (37, 3))
+    noisy = potential.predict_graph(garbage)
+    assert float(noisy["energy"][0]) == pytest.approx(float(loose["energy"][0]), rel=1e-12)
+    assert np.allclose(noisy["forces"][:n_node], loose["forces"][:n_node], atol=1e-12)
 
 
 def test_distant_fragments_are_additive(potential):
@@ -223,17 +259,18 @@ def test_lone_atom_is_exactly_e0_without_nan(potential):
     result = potential.predict([atoms])[0]
     assert result["energy"] == E0[NUMBERS.index(8)]
     assert np.all(result["forces"] == 0.0)
-    # Gradients with respect to parameters through padded (zero-length) edges stay finite.
-    graph = batch_and_pad([frame_to_graph(_frame(atoms), potential.cutoff, potential.species_index)], n_graph=2)
-    from mpnn.potential import cast_graph, predict_graph
 
-    graph = cast_graph(graph, np.float64)
+    # Gradients (parameters and positions) through a padded batch stay finite: padding
+    # edges of zero length meet 1/r in ZBL and r/|r| in the harmonics.
+    graphs = [frame_to_graph(_frame(a), potential.cutoff, potential.species_index) for a in (atoms, ethanol())]
+    graph = jax.tree_util.tree_map(jnp.asarray, cast_graph(batch_and_pad(graphs, n_graph=4), np.float64))
 
-    def loss(params, graph):
-        out = predict_graph(potential.model.apply, {**potential.variables, "model": params}, graph)
-        return jnp.sum(out["energy"] ** 2) + jnp.sum(out["forces"] ** 2)
+    def loss(params, positions):
+        batch = graph._replace(nodes={**graph.nodes, "positions": positions})
+        out = energy_and_derivatives(potential, {**potential.variables, "model": params}, batch)
+        return jnp.sum(out["energy"] ** 2) + jnp.sum(out["forces"] ** 2) + jnp.sum(out["stress"] ** 2)
 
-    grads = jax.jit(jax.grad(loss))(potential.variables["model"], graph)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(potential.variables["model"], graph.nodes["positions"])
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
@@ -241,3 +278,45 @@ def _frame(atoms):
     from mpnn.data.frames import Frame
 
     return Frame.from_atoms(atoms)
+
+
+# --- a global term: derivatives through positions and strain ---------------------------
+
+
+def test_global_term_forces_and_stress_are_exact():
+    """Forces and stress of a term that is not a function of edge vectors (positions and
+    cell under strain) match finite differences, and add up with the local model's."""
+    local = make_potential("nequip", pair_repulsion="zbl")
+    both = local.replace(global_terms=(SoftCoulombAndPressure(),))
+    h = 1e-5
+    for atoms in (ethanol(), copper_cell()):
+        batch = [atoms]
+        moves = [(0, 0), (2, 1), (len(atoms) - 1, 2)]
+        for i, d in moves:
+            for sign in (1, -1):
+                a = atoms.copy()
+                a.positions[i, d] += sign * h
+                batch.append(a)
+        components = [(0, 0), (1, 2)] if atoms.pbc.all() else []
+        for a, b in components:
+            strain = np.zeros((3, 3))
+            strain[a, b] = strain[b, a] = h / 2 if a != b else h
+            batch += [strained(atoms, strain), strained(atoms, -strain)]
+        results = both.predict(batch)
+        alone = local.predict([atoms])[0]
+        assert abs(results[0]["energy"] - alone["energy"]) > 1e-3  # the term does something
+        for k, (i, d) in enumerate(moves):
+            fd = -(results[1 + 2 * k]["energy"] - results[2 + 2 * k]["energy"]) / (2 * h)
+            assert abs(fd - results[0]["forces"][i, d]) < 1e-6 * max(1.0, abs(fd)), (i, d)
+        offset = 1 + 2 * len(moves)
+        volume = abs(np.linalg.det(atoms.cell.array))
+        for k, (a, b) in enumerate(components):
+            fd = (results[offset + 2 * k]["energy"] - results[offset + 2 * k + 1]["energy"]) / (2 * h) / volume
+            assert abs(fd - results[0]["stress"][a, b]) < 1e-6 * max(1e-2, abs(fd)), (a, b)
+        rotation = Rotation.random(random_state=7).as_matrix()
+        moved = atoms.copy()
+        moved.positions = atoms.positions @ rotation.T
+        moved.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
+        turned = both.predict([moved])[0]
+        assert abs(turned["energy"] - results[0]["energy"]) < 1e-9 * abs(results[0]["energy"])
+        assert relative_error(turned["forces"], results[0]["forces"] @ rotation.T) < 1e-9

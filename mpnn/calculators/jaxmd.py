@@ -33,8 +33,8 @@ Neighbor lists (`neighbor_list`):
     built (jax-md does not: an atom crossing a face between rebuild and force
     evaluation would otherwise point its edges at the wrong image).
   * `multi_image=False` refuses small boxes with a clear error instead.
-  * Padding entries (index N) are redirected to one extra padding node with a zero edge
-    vector; a padding node only talks to itself, so padding contributes exactly nothing.
+  * Padding entries (index N) are redirected to one extra padding node and masked
+    (`_mask_padding`); masked edges contribute exactly nothing.
   * Overflow (more pairs than capacity), a cell-list overflow, a box that became too
     small for minimum image (NPT), or a multi-image list that needs more images are all
     reported by `overflowed(nbrs)` (traced) / `needs_reallocation(nbrs)` (host): then
@@ -61,6 +61,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import jraph
 import numpy as np
 
 try:
@@ -71,7 +72,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("mpnn.jaxmd needs jax-md: pip install 'mpnn[md]' (jax-md>=0.2.29,<0.3)") from e
 
-from mpnn.potential import TRACE_COUNTS, Potential
+from mpnn.potential import Potential, energy_and_derivatives
 
 __all__ = [
     "JaxMDSystem",
@@ -156,11 +157,18 @@ def _displacements(displacement_fn, Ra, Rb, kwargs):
     return jax.vmap(functools.partial(displacement_fn, **kwargs))(Ra, Rb)
 
 
+def _mask_padding(senders, receivers, n: int):
+    """jax-md marks padding list entries with index n: send them to the extra padding node
+    n (so indices stay in range) and mask them. → (senders, receivers, edge_mask)."""
+    mask = (senders < n) & (receivers < n)
+    return jnp.where(mask, senders, n), jnp.where(mask, receivers, n), mask
+
+
 def _edges(displacement_fn, R, neighbor, kwargs, fractional=None):
     """(vectors [E, 3], senders [E], receivers [E], edge_mask [E]) with index N = padding node.
 
-    Padding entries of a list get sender = receiver = N and a zero vector; the node arrays
-    the model sees have N + 1 entries (the last one a padding node, whose energy is dropped).
+    Padding entries of a list get sender = receiver = N and mask False; the node arrays
+    the model sees have N + 1 entries (the last one a padding node, masked).
     Without a list (neighbor=None), all ordered pairs i != j, minimum image.
     """
     n = R.shape[0]
@@ -181,18 +189,10 @@ def _edges(displacement_fn, R, neighbor, kwargs, fractional=None):
     else:  # Dense [N, max_neighbors]: row i lists the neighbors j of i
         senders = jnp.repeat(jnp.arange(n, dtype=idx.dtype), idx.shape[1])
         receivers = idx.reshape(-1)
-    mask = (senders < n) & (receivers < n)
-    senders, receivers = jnp.where(mask, senders, n), jnp.where(mask, receivers, n)
+    senders, receivers, mask = _mask_padding(senders, receivers, n)
     R_ext = jnp.concatenate([R, jnp.zeros((1, R.shape[1]), R.dtype)])
     vectors = _displacements(displacement_fn, R_ext[receivers], R_ext[senders], kwargs)
-    return jnp.where(mask[:, None], vectors, 0.0), senders, receivers, mask
-
-
-def _node_energies(potential: Potential, vectors, species_ext, senders, receivers):
-    """scale · model + shift + E0[species] per node (the assembly of `energy_and_derivatives`)."""
-    variables = potential.variables
-    model_energy = potential.model.apply({"params": variables["model"]}, vectors, species_ext, senders, receivers)
-    return variables["scale"] * model_energy + variables["shift"] + variables["e0"][species_ext]
+    return vectors, senders, receivers, mask
 
 
 def energy_fn(
@@ -212,19 +212,27 @@ def energy_fn(
     fractional_coordinates is only needed for a jax-md multi-image list built outside
     `mpnn.jaxmd.neighbor_list`.
     """
+    _no_global_terms(potential)
     species = jnp.asarray(np.concatenate([species_indices(potential, atomic_numbers), [0]]), jnp.int32)
     n_atom = species.shape[0] - 1
+    node_mask = jnp.arange(n_atom + 1) < n_atom  # the last node is padding
     dtype = potential.np_dtype
 
     def energy(R, neighbor=None, **kwargs):
-        TRACE_COUNTS["jaxmd_energy"] += 1
         if R.shape[0] != n_atom:
             raise ValueError(f"energy_fn was built for {n_atom} atoms, got positions of shape {R.shape}")
-        vectors, senders, receivers, _ = _edges(displacement_fn, R, neighbor, kwargs, fractional_coordinates)
-        node_energy = _node_energies(potential, vectors.astype(dtype), species, senders, receivers)[:n_atom]
+        vectors, senders, receivers, edge_mask = _edges(displacement_fn, R, neighbor, kwargs, fractional_coordinates)
+        node_energy = potential.local_energies(
+            potential.variables, vectors.astype(dtype), species, senders, receivers, node_mask, edge_mask
+        )[:n_atom]
         return node_energy if per_atom else jnp.sum(node_energy)
 
     return energy
+
+
+def _no_global_terms(potential: Potential) -> None:
+    if potential.global_terms:
+        raise NotImplementedError("mpnn.jaxmd does not run potentials with global energy terms yet; use the ASE calculator")
 
 
 def properties_fn(
@@ -240,30 +248,28 @@ def properties_fn(
 
     The per-atom virials sum to the total virial; stress = −virial / V.
     """
-    from mpnn.potential import energy_and_derivatives
-
+    _no_global_terms(potential)
     species = jnp.asarray(np.concatenate([species_indices(potential, atomic_numbers), [0]]), jnp.int32)
     n_atom = species.shape[0] - 1
+    node_mask = jnp.arange(n_atom + 1) < n_atom
     dtype = potential.np_dtype
 
     def props(R, neighbor=None, **kwargs):
-        TRACE_COUNTS["jaxmd_properties"] += 1
-        vectors, senders, receivers, _ = _edges(displacement_fn, R, neighbor, kwargs, fractional_coordinates)
+        vectors, senders, receivers, edge_mask = _edges(displacement_fn, R, neighbor, kwargs, fractional_coordinates)
         current_box = kwargs.get("box", box)
-        cell = jnp.zeros((2, 3, 3), dtype)
+        cell = jnp.zeros((1, 3, 3), dtype)
         if current_box is not None:
             cell = cell.at[0].set(box_matrix(current_box).T.astype(dtype))
-        out = energy_and_derivatives(
-            potential.model.apply,
-            potential.variables,
-            vectors.astype(dtype),
-            species,
-            senders,
-            receivers,
-            jnp.array([n_atom, 1]),
-            jnp.array([vectors.shape[0], 0]),  # padding edges are zero vectors: no virial
-            cell,
+        graph = jraph.GraphsTuple(
+            nodes={"positions": jnp.zeros((n_atom + 1, 3), dtype), "species": species, "mask": node_mask},
+            edges={"shifts": jnp.zeros((senders.shape[0], 3), dtype), "mask": edge_mask},
+            globals={"cell": cell},
+            senders=senders,
+            receivers=receivers,
+            n_node=jnp.array([n_atom + 1]),
+            n_edge=jnp.array([senders.shape[0]]),
         )
+        out = energy_and_derivatives(potential, potential.variables, graph, vectors=vectors.astype(dtype))
         result = {
             "energy": out["energy"][0],
             "energies": out["node_energy"][:n_atom],
@@ -357,9 +363,7 @@ def _multi_image_edges(R, neighbor, kwargs, fractional: bool | None):
             "(or build it with mpnn.jaxmd.neighbor_list, which records it)"
         )
     n = R.shape[0]
-    senders, receivers = neighbor.idx[0], neighbor.idx[1]
-    mask = (senders < n) & (receivers < n)
-    senders, receivers = jnp.where(mask, senders, n), jnp.where(mask, receivers, n)
+    senders, receivers, mask = _mask_padding(neighbor.idx[0], neighbor.idx[1], n)
     T = box_matrix(kwargs["box"]) if "box" in kwargs else neighbor.box
     pad = jnp.zeros((1, R.shape[1]), R.dtype)
     if fractional:
@@ -373,7 +377,7 @@ def _multi_image_edges(R, neighbor, kwargs, fractional: bool | None):
     vectors = space.transform(T, d - wraps + neighbor.shifts.astype(s.dtype))
     if kwargs.get("perturbation") is not None:
         vectors = space.raw_transform(kwargs["perturbation"], vectors)
-    return jnp.where(mask[:, None], vectors, 0.0), senders, receivers, mask
+    return vectors, senders, receivers, mask
 
 
 def overflowed(nbrs) -> jnp.ndarray:

@@ -57,6 +57,28 @@ def load_splits(data: DataConfig, train: TrainConfig, known_numbers: list[int] |
     return splits
 
 
+def label_warnings(splits: Splits, data: DataConfig, train: TrainConfig) -> list[str]:
+    """What the training will silently not use: stress asked for but absent, stress on
+    frames that are not periodic in 3D (dropped: their stress is undefined)."""
+    messages = []
+    for name, frames in (("train", splits.train), ("valid", splits.valid), ("test", splits.test)):
+        ignored = sum(1 for f in frames if f.stress is not None and not bool(np.all(f.pbc)))
+        if ignored:
+            messages.append(
+                f"{name}: {ignored} of {len(frames)} frames carry stress but are not periodic in 3D; their stress is ignored"
+            )
+    if train.stress_weight > 0:
+        usable = sum(1 for f in splits.train if f.stress is not None and bool(np.all(f.pbc)))
+        if usable == 0:
+            messages.append(
+                f"train.stress_weight={train.stress_weight:g} but none of the {len(splits.train)} training frames of "
+                f"{data.train} has a stress (key {data.stress_key!r}/{data.virial_key!r}, 3D-periodic): training without stress"
+            )
+        elif usable < len(splits.train):
+            messages.append(f"stress labels on {usable} of {len(splits.train)} training frames; the others train without stress")
+    return messages
+
+
 def e0_from_config(e0: dict[str, float], numbers: list[int]) -> np.ndarray:
     """Per-element E0 given in the config as {"H": -13.6, ...} (eV), in `numbers` order."""
     from ase.data import chemical_symbols

@@ -122,7 +122,6 @@ def validate_frame(
     frame: Frame,
     need_energy: bool,
     need_forces: bool,
-    need_stress: bool = False,
     known_numbers: Sequence[int] | None = None,
     min_distance: float = 0.5,
 ) -> None:
@@ -158,8 +157,6 @@ def validate_frame(
         singular_values = np.linalg.svd(periodic, compute_uv=False)
         if singular_values.min() < 1e-3 * max(singular_values.max(), 1e-12) or singular_values.max() < 1e-6:
             raise DataError(f"{src}: periodic cell is degenerate (cell={frame.cell.tolist()}, pbc={frame.pbc.tolist()})")
-    if need_stress and frame.pbc.all() and frame.stress is None:
-        pass  # missing stress on some frames is allowed: those frames carry no stress loss
     if n > 1 and min_distance > 0:
         _check_min_distance(frame, min_distance)
 

@@ -2,16 +2,18 @@
 
 Layout of one graph (all numpy; a batch concatenates graphs as jraph does):
     nodes   = {"positions": [n_node, 3] Å, "species": [n_node] index into the model's
-               element list, "forces": [n_node, 3] eV/Å}
-    edges   = {"shifts": [n_edge, 3] integer cell shifts}
-    globals = {"cell": [n_graph, 3, 3] Å, "energy": [n_graph] eV,
+               element list, "forces": [n_node, 3] eV/Å, "mask": [n_node] bool}
+    edges   = {"shifts": [n_edge, 3] integer cell shifts, "mask": [n_edge] bool}
+    globals = {"cell": [n_graph, 3, 3] Å, "energy": [n_graph] eV, "mask": [n_graph] bool,
                "stress": [n_graph, 3, 3] eV/Å³, "weight_energy"/"weight_forces"/
                "weight_stress": [n_graph] 1.0 where the label exists and counts, else 0.0}
     senders, receivers [n_edge]; n_node, n_edge [n_graph]
 
-Padding adds one extra graph that owns all padding nodes and edges; padding edges join
-padding node to itself with zero shift, so a padded batch gives real graphs exactly what
-they get unpadded. The last graph of every padded batch is padding.
+Masks are True for real entries and False for padding; every energy term uses them.
+Padding (`pad_graph`, the one place it is done) adds one extra graph that owns all
+padding nodes and edges; padding edges join the first padding node to itself, so every
+index stays in range and nothing of a padding entry reaches a real graph. The last graph
+of every padded batch is padding.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ def frame_to_graph(frame: Frame, cutoff: float, species_index: dict[int, int]) -
             "positions": frame.positions.astype(np.float64),
             "species": species,
             "forces": frame.forces if frame.forces is not None else np.zeros((n, 3)),
+            "mask": np.ones(n, dtype=bool),
         },
-        edges={"shifts": shifts},
+        edges={"shifts": shifts, "mask": np.ones(len(senders), dtype=bool)},
         globals={
             "cell": frame.cell[None].astype(np.float64),
+            "mask": np.ones(1, dtype=bool),
             "energy": np.array([frame.energy if frame.energy is not None else 0.0]),
             "stress": (frame.stress if has_stress else np.zeros((3, 3)))[None],
             "weight_energy": np.array([float(frame.energy is not None)]),
@@ -79,7 +83,7 @@ def pad_graph(graph: jraph.GraphsTuple, n_node: int, n_edge: int, n_graph: int) 
             f"to ({n_node}, {n_edge}, {n_graph})"
         )
 
-    def pad(x: np.ndarray, n: int) -> np.ndarray:
+    def pad(x: np.ndarray, n: int) -> np.ndarray:  # zeros, and False for masks
         out = np.zeros((n,) + x.shape[1:], dtype=x.dtype)
         out[: len(x)] = x
         return out
@@ -127,17 +131,18 @@ def iterate_batches(
     shuffle: bool = False,
     seed: int = 0,
     shape: tuple[int, int] | None = None,
+    start: int = 0,
 ) -> Iterator[jraph.GraphsTuple]:
     """Padded batches of `batch_size` graphs (the last may hold fewer), all with n_graph = batch_size + 1.
 
     With `shape` = (n_node, n_edge) every batch is padded to exactly that shape (see
     `fixed_batch_shape`); without it, to bucketed sizes. With `shuffle`, the order is a
     permutation drawn from `seed` (training passes a seed derived from the epoch, so a
-    resumed run sees the same order).
+    resumed run sees the same order). `start` skips that many batches (resuming mid-epoch).
     """
     order = np.random.default_rng(seed).permutation(len(graphs)) if shuffle else np.arange(len(graphs))
-    for start in range(0, len(graphs), batch_size):
-        chunk = [graphs[i] for i in order[start : start + batch_size]]
+    for first in range(start * batch_size, len(graphs), batch_size):
+        chunk = [graphs[i] for i in order[first : first + batch_size]]
         if shape is None:
             yield batch_and_pad(chunk, n_graph=batch_size + 1)
         else:

@@ -1,35 +1,43 @@
-"""Model registry: `model.name` in the config → the flax module class.
+"""Model registry: `model.name` in the config → the model's config class and builder.
 
-Every model is called as model.apply(variables, edge_vectors, species, senders, receivers)
-and returns unscaled per-atom energies [n_node]; the potential adds scale, shift and E0.
-A model's hyperparameters are its dataclass fields; `build_model` fills them from the
-`ModelConfig` fields of the same name, so adding a model means adding a line here.
+Every model is a flax module called as
+
+    model.apply(variables, edge_vectors [n_edge, 3], species [n_node], senders [n_edge],
+                receivers [n_edge], edge_mask [n_edge] bool) → per-atom energies [n_node]
+
+(unscaled; the potential adds scale, shift, E0 and the other energy terms). Each model
+file holds its module, its config dataclass (a `mpnn.config.ModelConfig` with the
+model's own fields and its paper's defaults) and `build(config, num_species,
+avg_num_neighbors)`. Adding a model means adding a file and a line here.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
+from typing import Callable
 
 import flax.linen as nn
 
-from mpnn.models.mace import MACE
-from mpnn.models.nequip import NequIP
+from mpnn.models import mace, nequip
 
-MODELS: dict[str, type[nn.Module]] = {
-    "nequip": NequIP,
-    "mace": MACE,
+
+@dataclass(frozen=True)
+class ModelEntry:
+    config: type  # the model's config dataclass
+    build: Callable[..., nn.Module]  # build(config, num_species, avg_num_neighbors) → flax module
+
+
+MODELS: dict[str, ModelEntry] = {
+    "nequip": ModelEntry(nequip.NequIPConfig, nequip.build),
+    "mace": ModelEntry(mace.MACEConfig, mace.build),
 }
 
 
 def build_model(config, num_species: int, avg_num_neighbors: float) -> nn.Module:
-    """Build the module named by `config.name` (a `ModelConfig`)."""
+    """The flax module for a model config (`config.name` picks the model)."""
     if config.name not in MODELS:
         raise ValueError(f"unknown model.name {config.name!r}; available: {sorted(MODELS)}")
-    cls = MODELS[config.name]
-    hyperparameters = {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(cls)
-        if f.name not in ("name", "parent", "num_species", "avg_num_neighbors") and hasattr(config, f.name)
-    }
-    hyperparameters = {k: tuple(v) if isinstance(v, list) else v for k, v in hyperparameters.items()}
-    return cls(num_species=num_species, avg_num_neighbors=avg_num_neighbors, **hyperparameters)
+    entry = MODELS[config.name]
+    if not isinstance(config, entry.config):
+        raise TypeError(f"model {config.name!r} needs a {entry.config.__name__}, got {type(config).__name__}")
+    return entry.build(config, num_species, avg_num_neighbors)

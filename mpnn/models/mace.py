@@ -24,15 +24,54 @@ benchmarks/mace_torch_params.py). Every other block matches it weight for weight
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import e3nn_jax as e3nn
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mpnn.config import ModelConfig
 from mpnn.models.nequip import hidden_irreps
 from mpnn.nn import MessagePassing, ScalarReadout, edge_geometry, species_embedding
 from mpnn.nn.symmetric_contraction import SymmetricContraction
+
+
+@dataclass
+class MACEConfig(ModelConfig):
+    """MACE hyperparameters; defaults are mace-torch's (2 interactions, 128x0e + 128x1o
+    hidden features, l ≤ 3 harmonics, correlation 3, 8 Bessel functions, p = 5 envelope,
+    radial MLP 3 × 64, readout MLP 16)."""
+
+    name: str = "mace"
+    num_layers: int = 2  # interactions
+    num_features: int = 128  # channels
+    l_max: int = 3  # edge spherical harmonics and atomic basis A
+    max_L: int = 1  # node features between layers
+    correlation: int = 3  # highest power of A: body order correlation + 1
+    parity: bool = False  # also carry pseudo-tensor features
+    num_radial: int = 8
+    envelope_p: int = 5
+    radial_mlp: tuple[int, ...] = (64, 64, 64)
+    readout_mlp: int = 16
+
+
+def build(config: MACEConfig, num_species: int, avg_num_neighbors: float) -> "MACE":
+    return MACE(
+        num_species=num_species,
+        cutoff=config.cutoff,
+        avg_num_neighbors=avg_num_neighbors,
+        num_layers=config.num_layers,
+        num_features=config.num_features,
+        l_max=config.l_max,
+        max_L=config.max_L,
+        correlation=config.correlation,
+        parity=config.parity,
+        num_radial=config.num_radial,
+        envelope_p=config.envelope_p,
+        radial_mlp=tuple(config.radial_mlp),
+        readout_mlp=config.readout_mlp,
+    )
 
 
 class MACELayer(nn.Module):
@@ -87,7 +126,7 @@ class MACE(nn.Module):
     """Per-atom energies (unscaled) from edge vectors and species.
 
     Call: (edge_vectors [n_edge, 3] Å, species [n_node] int, senders [n_edge],
-    receivers [n_edge]) → [n_node].
+    receivers [n_edge], edge_mask [n_edge] bool) → [n_node].
     """
 
     num_species: int
@@ -105,8 +144,10 @@ class MACE(nn.Module):
     readout_mlp: int = 16
 
     @nn.compact
-    def __call__(self, edge_vectors, species, senders, receivers) -> jnp.ndarray:
-        edge_sh, edge_radial = edge_geometry(edge_vectors, self.cutoff, self.num_radial, self.envelope_p, self.l_max)
+    def __call__(self, edge_vectors, species, senders, receivers, edge_mask) -> jnp.ndarray:
+        edge_sh, edge_radial = edge_geometry(
+            edge_vectors, edge_mask, self.cutoff, self.num_radial, self.envelope_p, self.l_max
+        )
         node_feats = species_embedding(species, self.num_species, self.num_features)
         interaction = hidden_irreps(1, self.l_max, self.parity)
         energy = jnp.zeros(species.shape[0], dtype=edge_vectors.dtype)

@@ -7,10 +7,15 @@ self-connection after the first layer) → gate] → scalar readout per atom.
 The first layer has no self-connection on purpose: then an atom without neighbors gets
 zero features and zero model energy, so its energy is exactly E0, and the output varies
 smoothly as the last neighbor leaves the cutoff.
+
+Hidden features carry l ≤ `hidden_l_max` (default: `l_max`), edge harmonics l ≤ `l_max`:
+the published "64x0e + 64x1o with l ≤ 2 harmonics" setting is num_features=64,
+hidden_l_max=1, l_max=2.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import e3nn_jax as e3nn
@@ -18,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mpnn.config import ModelConfig
 from mpnn.nn import MessagePassing, ScalarReadout, edge_geometry, species_embedding
 
 
@@ -38,6 +44,41 @@ def gated_irreps(irreps: e3nn.Irreps) -> e3nn.Irreps:
     nonscalars = e3nn.Irreps([(mul, ir) for mul, ir in irreps if ir.l > 0])
     gates = e3nn.Irreps(f"{nonscalars.num_irreps}x0e") if nonscalars.num_irreps else e3nn.Irreps("")
     return (scalars + gates + nonscalars).regroup()
+
+
+@dataclass
+class NequIPConfig(ModelConfig):
+    """NequIP hyperparameters. Defaults follow the nequip package's example configuration
+    (4 interaction blocks, 32 features, l ≤ 1 hidden features with both parities, 8 Bessel
+    functions, polynomial cutoff p = 6, radial MLP 2 × 64)."""
+
+    name: str = "nequip"
+    num_layers: int = 4
+    num_features: int = 32  # channels per irrep in hidden layers
+    l_max: int = 1  # edge spherical harmonics
+    hidden_l_max: int | None = None  # hidden features; None = l_max
+    parity: bool = True  # also carry pseudo-tensor features (0o, 1e, 2o, ...) in hidden layers
+    num_radial: int = 8  # Bessel functions
+    envelope_p: int = 6  # polynomial envelope exponent
+    radial_mlp: tuple[int, ...] = (64, 64)
+    readout_mlp: int = 16  # hidden width of the scalar readout MLP
+
+
+def build(config: NequIPConfig, num_species: int, avg_num_neighbors: float) -> "NequIP":
+    return NequIP(
+        num_species=num_species,
+        cutoff=config.cutoff,
+        avg_num_neighbors=avg_num_neighbors,
+        num_layers=config.num_layers,
+        num_features=config.num_features,
+        l_max=config.l_max,
+        hidden_l_max=config.hidden_l_max,
+        parity=config.parity,
+        num_radial=config.num_radial,
+        envelope_p=config.envelope_p,
+        radial_mlp=tuple(config.radial_mlp),
+        readout_mlp=config.readout_mlp,
+    )
 
 
 class NequIPLayer(nn.Module):
@@ -68,7 +109,7 @@ class NequIP(nn.Module):
     """Per-atom energies (unscaled, eV-less) from edge vectors and species.
 
     Call: (edge_vectors [n_edge, 3] Å, species [n_node] int, senders [n_edge],
-    receivers [n_edge]) → [n_node].
+    receivers [n_edge], edge_mask [n_edge] bool) → [n_node].
     """
 
     num_species: int
@@ -77,6 +118,7 @@ class NequIP(nn.Module):
     num_layers: int = 3
     num_features: int = 32
     l_max: int = 2
+    hidden_l_max: int | None = None
     parity: bool = False
     num_radial: int = 8
     envelope_p: int = 6
@@ -84,10 +126,13 @@ class NequIP(nn.Module):
     readout_mlp: int = 16
 
     @nn.compact
-    def __call__(self, edge_vectors, species, senders, receivers) -> jnp.ndarray:
-        edge_sh, edge_radial = edge_geometry(edge_vectors, self.cutoff, self.num_radial, self.envelope_p, self.l_max)
+    def __call__(self, edge_vectors, species, senders, receivers, edge_mask) -> jnp.ndarray:
+        edge_sh, edge_radial = edge_geometry(
+            edge_vectors, edge_mask, self.cutoff, self.num_radial, self.envelope_p, self.l_max
+        )
         node_feats = species_embedding(species, self.num_species, self.num_features)
-        irreps = hidden_irreps(self.num_features, self.l_max, self.parity)
+        hidden_l_max = self.l_max if self.hidden_l_max is None else self.hidden_l_max
+        irreps = hidden_irreps(self.num_features, hidden_l_max, self.parity)
         for layer in range(self.num_layers):
             node_feats = NequIPLayer(
                 irreps_out=irreps,

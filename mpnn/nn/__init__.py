@@ -1,6 +1,6 @@
 """Building blocks shared by the models."""
 
-from mpnn.nn.radial import bessel_basis, polynomial_envelope, radial_features, safe_norm
+from mpnn.nn.radial import bessel_basis, masked_edge_vectors, polynomial_envelope, radial_features, safe_norm
 from mpnn.nn.blocks import MessagePassing, ScalarReadout, edge_geometry, species_embedding
 from mpnn.nn.symmetric_contraction import SymmetricContraction
 
@@ -8,6 +8,7 @@ __all__ = [
     "bessel_basis",
     "polynomial_envelope",
     "radial_features",
+    "masked_edge_vectors",
     "safe_norm",
     "MessagePassing",
     "ScalarReadout",

@@ -14,26 +14,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mpnn.nn.radial import radial_features, safe_norm
+from mpnn.nn.radial import masked_edge_vectors, radial_features, safe_norm
 
 
 def edge_geometry(
-    edge_vectors: jnp.ndarray, cutoff: float, num_radial: int, envelope_p: int, l_max: int
+    edge_vectors: jnp.ndarray, edge_mask: jnp.ndarray, cutoff: float, num_radial: int, envelope_p: int, l_max: int
 ) -> tuple[e3nn.IrrepsArray, jnp.ndarray]:
     """Spherical harmonics of edge directions (up to l_max) and radial features.
 
-    edge_vectors [n_edge, 3] Å → (Y [n_edge, (l_max+1)²] as IrrepsArray, R [n_edge, num_radial]).
+    edge_vectors [n_edge, 3] Å, edge_mask [n_edge] bool (False = padding) →
+    (Y [n_edge, (l_max+1)²] as IrrepsArray, R [n_edge, num_radial]).
     """
-    lengths = safe_norm(edge_vectors)
-    # Normalise by hand so that zero-length padding edges give finite values and gradients.
-    directions = edge_vectors / jnp.where(lengths > 0, lengths, 1.0)[:, None]
+    vectors = masked_edge_vectors(edge_vectors, edge_mask)
+    lengths = safe_norm(vectors)
+    directions = vectors / jnp.where(lengths > 0, lengths, 1.0)[:, None]
     sh = e3nn.spherical_harmonics(
         e3nn.Irreps.spherical_harmonics(l_max), directions, normalize=False, normalization="component"
     )
-    # Padding edges are zero vectors (real ones never are): they carry no message. Otherwise a
-    # padding node sums hundreds of them, and products of that sum (MACE's A^correlation)
-    # overflow float32 to inf, turning the zero-weighted padding into NaN losses.
-    radial = jnp.where((lengths > 0)[:, None], radial_features(lengths, cutoff, num_radial, envelope_p), 0.0)
+    # Padding edges carry no message. Otherwise a padding node sums hundreds of them, and
+    # products of that sum (MACE's A^correlation) overflow float32 to inf, turning the
+    # zero-weighted padding into NaN losses.
+    radial = jnp.where(edge_mask[:, None], radial_features(lengths, cutoff, num_radial, envelope_p), 0.0)
     return sh, radial
 
 

@@ -14,26 +14,28 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
+    """Checkpoints numbered by optimizer step (a run can stop mid-epoch)."""
+
     def __init__(self, directory: str | Path, keep: int = 2):
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
 
-    def latest_epoch(self) -> int | None:
+    def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, epoch: int, state: Any, meta: dict) -> None:
+    def save(self, step: int, state: Any, meta: dict) -> None:
         self.manager.save(
-            epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         )
         self.manager.wait_until_finished()
 
-    def restore(self, epoch: int, like: Any) -> tuple[Any, dict]:
+    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
         """Restore into the structure (and dtypes) of `like`."""
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
         restored = self.manager.restore(
-            epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         )
         return restored.state, restored.meta
 

@@ -1,15 +1,21 @@
-"""The training loop: one visible function, `train(config)`.
+"""The training loop: `setup(config)` builds everything, `train(config)` runs it.
 
-Per epoch: shuffled padded batches → jitted step (loss → grads → optax → EMA) →
-validation with the EMA parameters → metrics.csv row → orbax checkpoint → model/ folder
-when validation improved. A killed run resumed with `run.resume=true` continues from the
-last checkpoint with the same optimiser state, EMA and data order (the shuffle of epoch k
-depends only on the seed and k).
+`setup` reads and checks the data, computes the statistics (E0, scale, neighbors),
+builds the potential, optimiser, state and the jitted step: benchmarks and notebooks
+reuse it. `train` adds the run folder and the epochs: shuffled padded batches → jitted
+step (loss → grads → optax → EMA) → validation with the EMA parameters → metrics.csv row
+→ model/ folder when validation improved → orbax checkpoint.
+
+`train.max_time` is checked after every step. On stopping, the run validates, saves the
+best model and a checkpoint, including the position inside the epoch: `--resume`
+continues from that batch with the same optimiser state, EMA and data order (the shuffle
+of epoch k depends only on the seed and k).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import shutil
@@ -19,16 +25,17 @@ from pathlib import Path
 import flax.struct
 import jax
 import jax.numpy as jnp
+import jraph
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
 from mpnn.config import Config, save_config
-from mpnn.data.dataset import e0_from_config, load_splits
+from mpnn.data.dataset import Splits, e0_from_config, label_warnings, load_splits
 from mpnn.data.graphs import fixed_batch_shape, frame_to_graph, iterate_batches
 from mpnn.data.statistics import average_num_neighbors, fit_e0, forces_rms, residual_per_atom
 from mpnn.evaluate import evaluate_graphs, format_metrics, make_error_fn
-from mpnn.potential import TRACE_COUNTS, Potential, cast_graph, init_potential, predict_graph
+from mpnn.potential import CountedJit, Potential, build_potential, cast_graph, energy_and_derivatives
 from mpnn.saved_model import save_model
 from mpnn.training.checkpoint import Checkpointer
 from mpnn.training.loss import METRICS, loss_fn
@@ -81,10 +88,8 @@ def make_train_step(potential: Potential, tx: optax.GradientTransformation, conf
     ema_decay = config.train.ema_decay
 
     def train_step(state: TrainState, graph):
-        TRACE_COUNTS["train_step"] += 1
-
         def loss_of(params):
-            pred = predict_graph(potential.model.apply, {**fixed, "model": params}, graph)
+            pred = energy_and_derivatives(potential, {**fixed, "model": params}, graph)
             return loss_fn(pred, graph, weights)
 
         loss, grads = jax.value_and_grad(loss_of)(state.params)
@@ -95,7 +100,7 @@ def make_train_step(potential: Potential, tx: optax.GradientTransformation, conf
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema, params)
         return state.replace(params=params, opt_state=opt_state, ema=ema, step=state.step + 1), loss
 
-    return jax.jit(train_step, donate_argnums=0)
+    return CountedJit(train_step, donate_argnums=0)
 
 
 def _prepare_run_dir(config: Config) -> Path:
@@ -112,7 +117,8 @@ def _prepare_run_dir(config: Config) -> Path:
 
 
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
-    """On resume, drop rows written after the checkpoint we continue from."""
+    """On resume, drop rows written after the last completed epoch of the checkpoint
+    (including the row of an epoch that stopped part-way, which is redone)."""
     if not path.exists():
         return
     with open(path) as f:
@@ -134,17 +140,50 @@ def _append_metrics(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
-def train(config: Config) -> dict:
-    """Train as configured; returns the results dict also written to RUN/results.json."""
-    if config.model.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    run_dir = _prepare_run_dir(config)
-    save_config(config, run_dir / "config.yaml")
+@dataclasses.dataclass
+class Setup:
+    """Everything a training run needs before its first step."""
 
-    # --- data -----------------------------------------------------------------------
+    config: Config
+    splits: Splits
+    numbers: list[int]
+    train_graphs: list[jraph.GraphsTuple]
+    valid_graphs: list[jraph.GraphsTuple]
+    test_graphs: list[jraph.GraphsTuple]
+    potential: Potential
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    state: TrainState
+    train_step: CountedJit
+    error_fn: CountedJit
+    steps_per_epoch: int
+    train_shape: tuple[int, int]  # (n_node, n_edge) of every training batch
+    eval_shape: tuple[int, int]  # ... and of every evaluation batch
+    n_parameters: int
+
+    @property
+    def n_compiles(self) -> int:
+        return self.train_step.n_compiles + self.error_fn.n_compiles
+
+    def evaluate(self, graphs, variables: dict | None = None, potential: Potential | None = None) -> dict:
+        """Metrics of `graphs` (default parameters: the potential's)."""
+        return evaluate_graphs(
+            potential or self.potential, graphs, self.config.train.eval_batch_size, variables, self.error_fn, self.eval_shape
+        )
+
+    def with_params(self, params: dict) -> Potential:
+        """The potential with other model parameters (EMA, best)."""
+        return self.potential.replace(variables={**self.potential.variables, "model": params})
+
+
+def setup(config: Config) -> Setup:
+    """Data (read, validated, split, graphs), statistics, potential, optimiser and state."""
     splits = load_splits(config.data, config.train)
+    for message in label_warnings(splits, config.data, config.train):
+        log.warning(message)
     numbers = splits.numbers
-    to_graphs = lambda frames: [frame_to_graph(f, config.model.cutoff, {z: k for k, z in enumerate(numbers)}) for f in frames]
+    species_index = {z: k for k, z in enumerate(numbers)}
+    to_graphs = lambda frames: [frame_to_graph(f, config.model.cutoff, species_index) for f in frames]
     train_graphs, valid_graphs, test_graphs = to_graphs(splits.train), to_graphs(splits.valid), to_graphs(splits.test)
     e0, scale, shift = energy_scaling(config, splits, numbers)
     avg_neighbors = average_num_neighbors(train_graphs)
@@ -153,103 +192,143 @@ def train(config: Config) -> dict:
         "avg neighbors %.2f",
         len(train_graphs), len(valid_graphs), len(test_graphs), numbers, np.round(e0, 4).tolist(), scale, shift, avg_neighbors,
     )
+    if config.model.pair_repulsion:
+        log.info("pair repulsion: %s (%.2f–%.2f Å switch)", config.model.pair_repulsion, config.model.zbl_r_inner, config.model.zbl_r_outer)
 
-    # --- model, optimiser, state ------------------------------------------------------
-    potential = init_potential(config.model, numbers, avg_neighbors, e0, scale, shift, config.seed, config)
+    potential = build_potential(config.model, numbers, avg_neighbors, e0, scale, shift, config.seed, config)
     batch_size = config.train.batch_size
     steps_per_epoch = -(-len(train_graphs) // batch_size)
     tx = make_optimizer(config.train, steps_per_epoch)
-    schedule = learning_rate_schedule(config.train, steps_per_epoch)
     params = potential.variables["model"]
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-    log.info("model %s: %d parameters", config.model.name, n_params)
     state = TrainState(params, tx.init(params), params, params, jnp.array(0))
     state = jax.tree_util.tree_map(jnp.array, state)  # own copies: the step donates its input
-    meta = {"epoch": 0, "elapsed": 0.0, "best_valid": None, "best_epoch": None}
+    return Setup(
+        config=config,
+        splits=splits,
+        numbers=numbers,
+        train_graphs=train_graphs,
+        valid_graphs=valid_graphs,
+        test_graphs=test_graphs,
+        potential=potential,
+        optimizer=tx,
+        schedule=learning_rate_schedule(config.train, steps_per_epoch),
+        state=state,
+        train_step=make_train_step(potential, tx, config),
+        error_fn=make_error_fn(potential),
+        steps_per_epoch=steps_per_epoch,
+        # One padded shape for all training batches and one for all evaluation: two compilations.
+        train_shape=fixed_batch_shape(train_graphs, batch_size),
+        eval_shape=fixed_batch_shape(train_graphs + valid_graphs + test_graphs, config.train.eval_batch_size),
+        n_parameters=sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)),
+    )
+
+
+def train(config: Config) -> dict:
+    """Train as configured; returns the results dict also written to RUN/results.json."""
+    run_dir = _prepare_run_dir(config)
+    save_config(config, run_dir / "config.yaml")
+    s = setup(config)
+    log.info("model %s: %d parameters", config.model.name, s.n_parameters)
+    state = s.state
+    # epoch: last completed epoch; batches_done: steps already taken in epoch + 1 (a stop mid-epoch)
+    meta = {"epoch": 0, "batches_done": 0, "elapsed": 0.0, "best_valid": None, "best_epoch": None}
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
-    if config.run.resume and checkpointer.latest_epoch() is not None:
-        state, meta = checkpointer.restore(checkpointer.latest_epoch(), state)
+    if config.run.resume and checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(checkpointer.latest_step(), state)
+        meta.setdefault("batches_done", 0)
         _truncate_metrics(run_dir / "metrics.csv", meta["epoch"])
-        log.info("resumed from epoch %d (%.0f s trained)", meta["epoch"], meta["elapsed"])
+        # model/ may be ahead of the checkpoint (killed between the two writes): make them agree.
+        save_model(s.with_params(state.best), run_dir / "model")
+        log.info("resumed after epoch %d + %d steps (%.0f s trained)", meta["epoch"], meta["batches_done"], meta["elapsed"])
     elif config.run.resume:
         log.warning("%s: no checkpoint to resume from; starting from scratch", run_dir)
         (run_dir / "metrics.csv").unlink(missing_ok=True)
 
-    train_step = make_train_step(potential, tx, config)
-    error_fn = make_error_fn(potential)
-    eval_graphs = valid_graphs or train_graphs  # no validation set: select on training error
-    # One padded shape for all training batches and one for all evaluation: two compilations.
-    train_shape = fixed_batch_shape(train_graphs, batch_size)
-    eval_shape = fixed_batch_shape(train_graphs + valid_graphs + test_graphs, config.train.eval_batch_size)
-    evaluate = lambda potential, graphs, variables=None: evaluate_graphs(
-        potential, graphs, config.train.eval_batch_size, variables, error_fn, eval_shape
-    )
-    dtype = potential.np_dtype
+    eval_graphs = s.valid_graphs or s.train_graphs  # no validation set: select on training error
+    dtype = s.potential.np_dtype
+    max_time = config.train.max_time
+    batch_size = config.train.batch_size
 
-    if meta["epoch"] == 0:
+    if meta["epoch"] == 0 and meta["batches_done"] == 0:
         # Epoch 0: the untrained model, the baseline every later row is compared with.
-        compiles_before = sum(TRACE_COUNTS.values())
-        initial = evaluate(potential, eval_graphs, _variables(potential, state.ema))
-        compiles = sum(TRACE_COUNTS.values()) - compiles_before
-        _append_metrics(run_dir / "metrics.csv", _metrics_row(0, 0, 0.0, 0.0, float(schedule(0)), float("nan"), initial, compiles))
+        compiles_before = s.n_compiles
+        initial = s.evaluate(eval_graphs, {**s.potential.variables, "model": state.ema})
+        row = _metrics_row(0, 0, 0.0, 0.0, float(s.schedule(0)), float("nan"), initial, s.n_compiles - compiles_before)
+        _append_metrics(run_dir / "metrics.csv", row)
         log.info("epoch 0 (untrained)  valid %s", format_metrics(initial))
 
     # --- epochs -----------------------------------------------------------------------
     start_time = time.perf_counter() - meta["elapsed"]
-    for epoch in range(meta["epoch"] + 1, config.train.max_epochs + 1):
+    out_of_time = max_time is not None and meta["elapsed"] >= max_time
+    epoch = meta["epoch"]
+    while not out_of_time and epoch < config.train.max_epochs:
+        epoch += 1
         epoch_start = time.perf_counter()
-        compiles_before = sum(TRACE_COUNTS.values())
-        batches = iterate_batches(train_graphs, batch_size, shuffle=True, seed=config.seed * 100_003 + epoch, shape=train_shape)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}", disable=not config.train.progress, leave=False)
+        compiles_before = s.n_compiles
+        skip = meta["batches_done"] if epoch == meta["epoch"] + 1 else 0
+        batches = iterate_batches(
+            s.train_graphs, batch_size, shuffle=True, seed=config.seed * 100_003 + epoch, shape=s.train_shape, start=skip
+        )
+        bar = tqdm(batches, total=s.steps_per_epoch - skip, desc=f"epoch {epoch}", disable=not config.train.progress, leave=False)
         losses = []
         for batch in bar:
-            state, loss = train_step(state, cast_graph(batch, dtype))
+            state, loss = s.train_step(state, cast_graph(batch, dtype))
             losses.append(loss)
             if len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{float(np.mean(jax.device_get(losses[-10:]))):.4g}")
-        train_loss = float(np.mean(jax.device_get(losses)))
-        if not np.isfinite(train_loss):
+            if max_time is not None and time.perf_counter() - start_time >= max_time:
+                out_of_time = True
+                break
+        bar.close()
+        batches_done = skip + len(losses)
+        finished = batches_done >= s.steps_per_epoch
+        train_loss = float(np.mean(jax.device_get(losses))) if losses else float("nan")
+        if losses and not np.isfinite(train_loss):
             raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}; lower train.lr or check the data")
         train_time = time.perf_counter() - epoch_start
 
-        valid_metrics = evaluate(potential, eval_graphs, _variables(potential, state.ema))
+        valid_metrics = s.evaluate(eval_graphs, {**s.potential.variables, "model": state.ema})
         score = _selection_score(valid_metrics, config)
         improved = meta["best_valid"] is None or score < meta["best_valid"]
         if improved:
             state = state.replace(best=jax.tree_util.tree_map(jnp.copy, state.ema))
             meta.update(best_valid=score, best_epoch=epoch)
-        meta.update(epoch=epoch, elapsed=time.perf_counter() - start_time)
-
+        meta.update(
+            epoch=epoch if finished else epoch - 1,
+            batches_done=0 if finished else batches_done,
+            elapsed=time.perf_counter() - start_time,
+        )
         row = _metrics_row(
-            epoch, int(state.step), meta["elapsed"], train_time, float(schedule(int(state.step))), train_loss,
-            valid_metrics, sum(TRACE_COUNTS.values()) - compiles_before,
+            epoch, int(state.step), meta["elapsed"], train_time, float(s.schedule(int(state.step))), train_loss,
+            valid_metrics, s.n_compiles - compiles_before,
         )
         _append_metrics(run_dir / "metrics.csv", row)
-        log.info("epoch %d  loss %.4g  valid %s  (%.1f s, %d compiles)", epoch, train_loss, format_metrics(valid_metrics), train_time, row["n_compiles"])
-
-        if epoch % config.train.checkpoint_every == 0 or epoch == config.train.max_epochs:
-            checkpointer.save(epoch, state, meta)
+        log.info(
+            "epoch %d%s  loss %.4g  valid %s  (%.1f s, %d compiles)", epoch, "" if finished else f" (stopped after {batches_done} steps)",
+            train_loss, format_metrics(valid_metrics), train_time, row["n_compiles"],
+        )
+        # model/ first, then the checkpoint: a kill in between leaves a checkpoint whose best
+        # parameters resume re-saves into model/.
         if improved:
-            save_model(_with_variables(potential, state.best), run_dir / "model")
-        if config.train.max_time is not None and meta["elapsed"] >= config.train.max_time:
-            log.info("stopping: train.max_time=%.0f s reached after epoch %d", config.train.max_time, epoch)
-            if epoch % config.train.checkpoint_every != 0:
-                checkpointer.save(epoch, state, meta)
-            break
+            save_model(s.with_params(state.best), run_dir / "model")
+        if not finished or epoch % config.train.checkpoint_every == 0 or epoch == config.train.max_epochs or out_of_time:
+            checkpointer.save(int(state.step), state, meta)
+        if out_of_time:
+            log.info("stopping: train.max_time=%.0f s reached in epoch %d", max_time, epoch)
     checkpointer.close()
 
     # --- final evaluation with the best EMA parameters ---------------------------------
-    best = _with_variables(potential, state.best)
+    best = s.with_params(state.best)
     if not (run_dir / "model").exists():
         save_model(best, run_dir / "model")
     results = {
-        "valid": evaluate(best, valid_graphs) if valid_graphs else None,
-        "test": evaluate(best, test_graphs) if test_graphs else None,
+        "valid": s.evaluate(s.valid_graphs, potential=best) if s.valid_graphs else None,
+        "test": s.evaluate(s.test_graphs, potential=best) if s.test_graphs else None,
         "best_epoch": meta["best_epoch"],
-        "epochs": meta["epoch"],
+        "epochs": meta["epoch"] + meta["batches_done"] / s.steps_per_epoch,
         "train_time_s": round(meta["elapsed"], 2),
-        "n_parameters": n_params,
+        "n_parameters": s.n_parameters,
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
@@ -266,14 +345,6 @@ def _metrics_row(epoch, step, elapsed, train_time, lr, train_loss, valid_metrics
         **{f"valid_{k}": ("" if valid_metrics[k] is None else valid_metrics[k]) for k in METRICS},
         "n_compiles": n_compiles,
     }
-
-
-def _variables(potential: Potential, params: dict) -> dict:
-    return {**potential.variables, "model": params}
-
-
-def _with_variables(potential: Potential, params: dict) -> Potential:
-    return Potential(potential.model, _variables(potential, params), potential.numbers, potential.cutoff, potential.dtype, potential.config)
 
 
 def _selection_score(metrics: dict, config: Config) -> float:

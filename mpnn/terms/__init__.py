@@ -1,0 +1,1 @@
+"""Energy terms added to the learned local model: pair repulsion (ZBL), later electrostatics."""
