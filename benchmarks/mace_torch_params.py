@@ -48,7 +48,9 @@ def ours(config, num_species: int) -> Counter:
     """{(layer, block): number of parameters} of our MACE (layer None for embedding/readouts)."""
     model = build_model(config.model, num_species, avg_num_neighbors=1.0)
     vectors = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0]))
+    shapes = jax.eval_shape(
+        model.init, jax.random.PRNGKey(0), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0]), jnp.ones(2, bool)
+    )
     counts: Counter = Counter()
     for path, leaf in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]:
         keys = [k.key for k in path]

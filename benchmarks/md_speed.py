@@ -7,7 +7,7 @@
 Prints, per system and engine: compilation time (first call: tracing + XLA compile,
 measured separately), then steps/s and µs/atom/step over the timed steps only.
 
-"The default model" is the architecture of configs/default.yaml / ModelConfig()
+"The default model" is the architecture of configs/default.yaml
 (NequIP, 3 layers, 32 features, l_max 2, cutoff 5 Å, float32) initialised for Cu with
 random weights: speed does not depend on the weight values. NVE at 300 K, 2 fs steps.
 jax-md: neighbor list rebuilt every step on device, steps in a jitted while-loop.
@@ -31,17 +31,16 @@ from ase.md.verlet import VelocityVerlet
 
 
 def default_cu_potential(dtype: str, atoms):
-    from mpnn.config import Config, ModelConfig
+    from mpnn.config import load_config
     from mpnn.data.frames import Frame
     from mpnn.data.graphs import frame_to_graph
     from mpnn.data.statistics import average_num_neighbors
-    from mpnn.potential import init_potential
+    from mpnn.potential import build_potential
 
-    model = ModelConfig(dtype=dtype)
-    graph = frame_to_graph(Frame.from_atoms(atoms), model.cutoff, {29: 0})
-    config = Config(model=model)
+    config = load_config("configs/default.yaml", [f"model.dtype={dtype}"])
+    graph = frame_to_graph(Frame.from_atoms(atoms), config.model.cutoff, {29: 0})
     # Small scale keeps random-weight forces gentle; E0 = EMT-like cohesive reference.
-    return init_potential(model, [29], average_num_neighbors([graph]), e0=[-3.5], scale=0.05, seed=0, config=config)
+    return build_potential(config.model, [29], average_num_neighbors([graph]), e0=[-3.5], scale=0.05, seed=0, config=config)
 
 
 def bench_jaxmd(potential, atoms, steps: int) -> dict:

@@ -12,15 +12,11 @@ import argparse
 import time
 
 import jax
-import numpy as np
 
 from mpnn.config import load_config
-from mpnn.data.dataset import load_splits
-from mpnn.data.graphs import fixed_batch_shape, frame_to_graph, iterate_batches
-from mpnn.data.statistics import average_num_neighbors
-from mpnn.potential import cast_graph, init_potential
-from mpnn.training.loop import TrainState, energy_scaling, make_train_step
-from mpnn.training.optimizer import make_optimizer
+from mpnn.data.graphs import iterate_batches
+from mpnn.potential import cast_graph
+from mpnn.training.loop import setup
 
 
 def block(tree):
@@ -29,19 +25,10 @@ def block(tree):
 
 def benchmark(config_path: str, steps: int) -> dict:
     config = load_config(config_path)
-    splits = load_splits(config.data, config.train)
-    numbers = splits.numbers
-    index = {z: k for k, z in enumerate(numbers)}
-    graphs = [frame_to_graph(f, config.model.cutoff, index) for f in splits.train]
-    e0, scale, shift = energy_scaling(config, splits, numbers)
-    potential = init_potential(config.model, numbers, average_num_neighbors(graphs), e0, scale, shift, 0, config)
-    batch_size = config.train.batch_size
-    steps_per_epoch = -(-len(graphs) // batch_size)
-    tx = make_optimizer(config.train, steps_per_epoch)
-    params = potential.variables["model"]
-    state = jax.tree_util.tree_map(jax.numpy.array, TrainState(params, tx.init(params), params, params, jax.numpy.array(0)))
-    train_step = make_train_step(potential, tx, config)
-    shape = fixed_batch_shape(graphs, batch_size)
+    s = setup(config)  # the training run's own setup: data, statistics, potential, state, step
+    potential, graphs, batch_size, state, train_step, shape = (
+        s.potential, s.train_graphs, config.train.batch_size, s.state, s.train_step, s.train_shape
+    )
     batches = [cast_graph(b, potential.np_dtype) for b in iterate_batches(graphs, batch_size, shape=shape)]
 
     start = time.perf_counter()
@@ -54,8 +41,7 @@ def benchmark(config_path: str, steps: int) -> dict:
     step_time = (time.perf_counter() - start) / steps
 
     # Inference: energy + forces (+ stress) on padded batches of the eval batch size.
-    eval_shape = fixed_batch_shape(graphs, config.train.eval_batch_size)
-    eval_batches = list(iterate_batches(graphs, config.train.eval_batch_size, shape=eval_shape))
+    eval_batches = list(iterate_batches(graphs, config.train.eval_batch_size, shape=s.eval_shape))
     start = time.perf_counter()
     block(potential.predict_graph(eval_batches[0]))
     compile_infer = time.perf_counter() - start
@@ -66,14 +52,13 @@ def benchmark(config_path: str, steps: int) -> dict:
         n_atoms += int(batch.n_node[:-1].sum())
     block(out)
     infer_per_atom = (time.perf_counter() - start) / max(n_atoms, 1)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     return {
         "config": config_path,
         "model": config.model.name,
-        "parameters": n_params,
+        "parameters": s.n_parameters,
         "compile_train_s": compile_train,
         "train_step_ms": 1e3 * step_time,
-        "train_epoch_s": step_time * steps_per_epoch,
+        "train_epoch_s": step_time * s.steps_per_epoch,
         "compile_inference_s": compile_infer,
         "inference_us_per_atom": 1e6 * infer_per_atom,
     }

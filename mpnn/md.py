@@ -59,6 +59,7 @@ class MDRun:
     log: list[dict]
     atoms: ase.Atoms
     n_reallocations: int = 0
+    n_compiles: int = 0  # compilations of the MD chunk (one per neighbor-list capacity)
     compile_s: float = 0.0  # calls that traced + compiled (the first, and any after a reallocation)
     run_s: float = 0.0  # all other calls
     steps_per_s: float = float("nan")  # steps in run_s / run_s
@@ -308,6 +309,7 @@ def _run_md(
         log=log_rows,
         atoms=final,
         n_reallocations=n_realloc,
+        n_compiles=run_chunk.n_compiles,
         compile_s=compile_s,
         run_s=run_s,
         steps_per_s=run_steps / run_s if run_s > 0 else float("nan"),

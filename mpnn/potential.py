@@ -353,5 +353,3 @@ def build_potential(
     config = config if config is not None else Config(model=model_config)
     return Potential(model, variables, numbers, model_config.cutoff, model_config.dtype, config, pair_terms, global_terms)
 
-
-init_potential = build_potential  # the name used before the public one

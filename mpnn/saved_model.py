@@ -26,7 +26,7 @@ import yaml
 
 from mpnn.config import ConfigError, from_dict, save_config
 from mpnn.models import MODELS, build_model
-from mpnn.potential import Potential, build_potential, enable_x64, energy_terms
+from mpnn.potential import Potential, enable_x64, energy_terms
 
 FORMAT_VERSION = 2  # 2: per-model config sections and energy terms; 1 is converted on load
 

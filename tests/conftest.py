@@ -65,6 +65,7 @@ def tiny_train_config(train_file: str, run_dir, **overrides) -> Config:
         "data.valid_fraction": 0.125,
         "data.test_fraction": 0.125,
         "model.name": "nequip",
+        "model.parity": False,
         "model.cutoff": 3.5,
         "model.num_layers": 2,
         "model.num_features": 4,

@@ -20,7 +20,7 @@ from jax_md import simulate, space  # noqa: E402
 
 import mpnn.jaxmd as J  # noqa: E402
 from mpnn.calculators.ase import MPNNCalculator  # noqa: E402
-from mpnn.potential import TRACE_COUNTS  # noqa: E402
+from mpnn.potential import CountedJit  # noqa: E402
 from tests.conftest import random_potential  # noqa: E402
 
 NUMBERS = [1, 6, 8, 29]
@@ -30,7 +30,8 @@ CUTOFF = 3.5  # tiny_model_config
 
 @pytest.fixture(scope="module")
 def potential():
-    return random_potential(NUMBERS, E0, scale=0.7, seed=1)
+    # With ZBL on: the pair term must reach jax-md through the same energy definition.
+    return random_potential(NUMBERS, E0, scale=0.7, seed=1, pair_repulsion="zbl")
 
 
 def sheared_cu(repeat: int, seed: int) -> ase.Atoms:
@@ -212,8 +213,13 @@ def test_clear_errors(potential):
         J.energy_fn(potential, system.displacement_fn, [79] * len(small))
 
 
-def test_nvt_nose_hoover_inside_fori_loop(potential):
-    """The plain jax-md recipe: jit + lax.fori_loop, neighbor list updated every step."""
+def test_nvt_nose_hoover_inside_fori_loop():
+    """The plain jax-md recipe: jit + lax.fori_loop, neighbor list updated every step.
+
+    Without ZBL: random weights do not cancel ZBL at bonded distances, so with it the
+    molecule flies apart (forces ~6 eV/Å) and the invariant's error, though it converges
+    with the timestep, is not a clean check."""
+    potential = random_potential(NUMBERS, E0, scale=0.7, seed=1)
     atoms = ethanol()
     system = J.system_from_atoms(atoms)
     fns = J.neighbor_list(potential, system.displacement_fn, None)
@@ -222,9 +228,6 @@ def test_nvt_nose_hoover_inside_fori_loop(potential):
     kT = 300 * ase.units.kB
     init_fn, apply_fn = simulate.nvt_nose_hoover(energy, system.shift_fn, 0.5 * ase.units.fs, kT)
     state = init_fn(jax.random.PRNGKey(0), system.positions, mass=jnp.asarray(system.masses), neighbor=nbrs)
-    before = TRACE_COUNTS["jaxmd_energy"]
-
-    @jax.jit
     def run(state, nbrs):
         def body(i, carry):
             state, nbrs = carry
@@ -235,10 +238,11 @@ def test_nvt_nose_hoover_inside_fori_loop(potential):
         state, nbrs = jax.lax.fori_loop(0, 20, body, (state, nbrs))
         return state, nbrs, start, simulate.nvt_nose_hoover_invariant(energy, state, kT, neighbor=nbrs)
 
+    run = CountedJit(run)
     state, nbrs, invariant0, _ = run(state, nbrs)
     state, nbrs, _, invariant = run(state, nbrs)  # second call: cached, no new trace
     assert not J.needs_reallocation(nbrs)
     assert np.all(np.isfinite(np.asarray(state.position)))
     # Nose-Hoover's extended energy is conserved (0.5 fs steps, 40 steps, float64).
     assert abs(float(invariant) - float(invariant0)) < 1e-3
-    assert TRACE_COUNTS["jaxmd_energy"] - before <= 4  # traced once for run (value + grad paths)
+    assert run.n_compiles == 1

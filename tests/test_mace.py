@@ -18,7 +18,7 @@ from scipy.spatial.transform import Rotation
 from mpnn.config import load_config
 from mpnn.nn import SymmetricContraction
 from mpnn.nn.symmetric_contraction import num_couplings, symmetric_basis
-from mpnn.potential import init_potential
+from mpnn.potential import build_potential
 from tests.conftest import tiny_model_config
 
 IRREPS_IN = "0e + 1o + 2e"
@@ -96,7 +96,7 @@ E0 = [-13.6, -2040.0, -3.5]
 
 @pytest.fixture(scope="module")
 def potential():
-    return init_potential(tiny_model_config("mace", "float64"), NUMBERS, avg_num_neighbors=4.0, e0=E0, scale=0.7)
+    return build_potential(tiny_model_config("mace", "float64"), NUMBERS, avg_num_neighbors=4.0, e0=E0, scale=0.7)
 
 
 def test_lone_atom_is_exactly_e0_and_neighbors_matter(potential):

@@ -260,7 +260,8 @@ def train(config: Config) -> dict:
 
     # --- epochs -----------------------------------------------------------------------
     start_time = time.perf_counter() - meta["elapsed"]
-    out_of_time = max_time is not None and meta["elapsed"] >= max_time
+    started = meta["epoch"] > 0 or meta["batches_done"] > 0
+    out_of_time = max_time is not None and started and meta["elapsed"] >= max_time  # a resumed run already done
     epoch = meta["epoch"]
     while not out_of_time and epoch < config.train.max_epochs:
         epoch += 1
