@@ -35,7 +35,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from mpnn.training.loop import train
 
     results = train(config)
-    print(f"\nrun folder: {config.run.dir}  (best epoch {results['best_epoch']} of {results['epochs']}, {results['train_time_s']:.0f} s)")
+    print(f"\nrun folder: {config.run.dir}  (best epoch {results['best_epoch']} after {results['epochs']:.3g} epochs, {results['train_time_s']:.0f} s)")
     for split in ("valid", "test"):
         if results[split] is not None:
             print(f"{split:>5}: {format_metrics(results[split])}")

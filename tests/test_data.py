@@ -12,7 +12,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.neighborlist import primitive_neighbor_list
 
 from mpnn.config import ConfigError, load_config
-from mpnn.data.dataset import load_splits
+from mpnn.data.dataset import label_warnings, load_splits
 from mpnn.data.frames import DataError, read_frames, split_frames
 from mpnn.data.graphs import batch_and_pad, bucket_size, frame_to_graph, iterate_batches
 from mpnn.data.neighbors import neighbor_list
@@ -211,6 +211,21 @@ def test_batch_keeps_labels_in_place(tmp_path):
     assert np.allclose(batch.globals["energy"][:3], [f.energy for f in frames])
     n0 = frames[0].n_atom
     assert np.allclose(batch.nodes["forces"][n0 : n0 + frames[1].n_atom], frames[1].forces)
+
+
+def test_unused_stress_is_reported_with_counts(tmp_path):
+    """stress_weight > 0 without stress labels, and stress on frames that are not periodic
+    in 3D, are said out loud (with counts) instead of silently training without them."""
+    slab = fcc111("Cu", (2, 2, 2), a=3.61, vacuum=3.0)
+    slab.pbc = (True, True, False)
+    frames = [labelled(bulk("Cu", cubic=True).repeat(2)) for _ in range(4)] + [labelled(slab, stress=np.ones(6) * 0.01)]
+    config = load_config(None, [f"data.train={write(tmp_path / 'a.xyz', frames)}", "data.valid_fraction=0", "data.test_fraction=0"])
+    messages = label_warnings(load_splits(config.data, config.train), config.data, config.train)
+    assert any("1 of 5 frames carry stress but are not periodic in 3D" in m for m in messages), messages
+    assert any("none of the 4 periodic training frames" in m and "training without stress" in m for m in messages), messages
+    config.train.stress_weight = 0.0
+    messages = label_warnings(load_splits(config.data, config.train), config.data, config.train)
+    assert not any("training without stress" in m for m in messages)
 
 
 # --- config --------------------------------------------------------------------------------

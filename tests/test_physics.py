@@ -1,4 +1,4 @@
-"""Physics every registered model must keep (the design notes' checklist), in float64
+"""Physics every registered model must keep (README, "Physics tests"), in float64
 with tight tolerances, for every model × {no pair term, ZBL repulsion}, and for a
 global energy term (through positions and strain).
 

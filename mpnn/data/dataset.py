@@ -67,15 +67,16 @@ def label_warnings(splits: Splits, data: DataConfig, train: TrainConfig) -> list
             messages.append(
                 f"{name}: {ignored} of {len(frames)} frames carry stress but are not periodic in 3D; their stress is ignored"
             )
-    if train.stress_weight > 0:
+    periodic = sum(1 for f in splits.train if bool(np.all(f.pbc)))
+    if train.stress_weight > 0 and periodic:  # (molecules have no stress to miss)
         usable = sum(1 for f in splits.train if f.stress is not None and bool(np.all(f.pbc)))
         if usable == 0:
             messages.append(
-                f"train.stress_weight={train.stress_weight:g} but none of the {len(splits.train)} training frames of "
-                f"{data.train} has a stress (key {data.stress_key!r}/{data.virial_key!r}, 3D-periodic): training without stress"
+                f"train.stress_weight={train.stress_weight:g} but none of the {periodic} periodic training frames of "
+                f"{data.train} has a stress (key {data.stress_key!r}/{data.virial_key!r}): training without stress"
             )
-        elif usable < len(splits.train):
-            messages.append(f"stress labels on {usable} of {len(splits.train)} training frames; the others train without stress")
+        elif usable < periodic:
+            messages.append(f"stress labels on {usable} of {periodic} periodic training frames; the others train without stress")
     return messages
 
 

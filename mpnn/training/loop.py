@@ -78,6 +78,24 @@ def energy_scaling(config: Config, splits, numbers: list[int]) -> tuple[np.ndarr
     return e0, (scale if scale > 0 else 1.0), shift
 
 
+def without_fixed_terms(potential: Potential, frames: list) -> list:
+    """Frames whose energy and forces have the pair terms' share (ZBL) removed: what the
+    learned term has to fit. Unchanged when the potential has no pair terms."""
+    if not potential.pair_terms:
+        return list(frames)
+    # scale = 0 and E0 = 0: the potential's energy is its pair terms alone.
+    zero = {**potential.variables, "scale": jnp.zeros(()), "shift": jnp.zeros(()), "e0": jnp.zeros_like(potential.variables["e0"])}
+    fixed = potential.replace(variables=zero).predict(frames, batch_size=32)
+    return [
+        dataclasses.replace(
+            frame,
+            energy=None if frame.energy is None else frame.energy - out["energy"],
+            forces=None if frame.forces is None else frame.forces - out["forces"],
+        )
+        for frame, out in zip(frames, fixed)
+    ]
+
+
 def make_train_step(potential: Potential, tx: optax.GradientTransformation, config: Config):
     weights = {
         "energy": config.train.energy_weight,
@@ -185,8 +203,14 @@ def setup(config: Config) -> Setup:
     species_index = {z: k for k, z in enumerate(numbers)}
     to_graphs = lambda frames: [frame_to_graph(f, config.model.cutoff, species_index) for f in frames]
     train_graphs, valid_graphs, test_graphs = to_graphs(splits.train), to_graphs(splits.valid), to_graphs(splits.test)
-    e0, scale, shift = energy_scaling(config, splits, numbers)
     avg_neighbors = average_num_neighbors(train_graphs)
+    potential = build_potential(config.model, numbers, avg_neighbors, seed=config.seed, config=config)
+    # The learned term fits what the fixed terms (ZBL) leave: its statistics come from that.
+    targets = without_fixed_terms(potential, splits.train)
+    e0, scale, shift = energy_scaling(config, Splits(targets, [], []), numbers)
+    potential = potential.replace(
+        variables={**potential.variables, "e0": jnp.asarray(e0), "scale": jnp.asarray(scale), "shift": jnp.asarray(shift)}
+    )
     log.info(
         "data: %d train / %d valid / %d test frames; elements %s; E0 %s eV; scale %.4g; shift %.4g; "
         "avg neighbors %.2f",
@@ -195,7 +219,6 @@ def setup(config: Config) -> Setup:
     if config.model.pair_repulsion:
         log.info("pair repulsion: %s (%.2f–%.2f Å switch)", config.model.pair_repulsion, config.model.zbl_r_inner, config.model.zbl_r_outer)
 
-    potential = build_potential(config.model, numbers, avg_neighbors, e0, scale, shift, config.seed, config)
     batch_size = config.train.batch_size
     steps_per_epoch = -(-len(train_graphs) // batch_size)
     tx = make_optimizer(config.train, steps_per_epoch)
