@@ -49,6 +49,7 @@ def save_model(potential: Potential, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a deployable model is readable like its files
     try:
         params_bytes = flax.serialization.msgpack_serialize(
             jax.tree_util.tree_map(np.asarray, jax.device_get(potential.variables))
