@@ -20,16 +20,17 @@ Expected differences (everything else matches block for block):
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import warnings
 from collections import Counter
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mpnn.config import load_config
 from mpnn.models import build_model
+from mpnn.potential import init_model_params
 
 # Block names shared by both implementations, for the side-by-side table.
 BLOCKS = [
@@ -47,10 +48,7 @@ BLOCKS = [
 def ours(config, num_species: int) -> Counter:
     """{(layer, block): number of parameters} of our MACE (layer None for embedding/readouts)."""
     model = build_model(config.model, num_species, avg_num_neighbors=1.0)
-    vectors = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
-    shapes = jax.eval_shape(
-        model.init, jax.random.PRNGKey(0), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0]), jnp.ones(2, bool)
-    )
+    shapes = {"params": jax.eval_shape(functools.partial(init_model_params, model))}
     counts: Counter = Counter()
     for path, leaf in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]:
         keys = [k.key for k in path]

@@ -61,10 +61,9 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import jraph
 import numpy as np
 
-from mpnn.potential import Potential, energy_and_derivatives
+from mpnn.potential import Potential, energy_and_derivatives, one_graph
 
 FORMAT = "mpnn-export"
 FORMAT_VERSION = 1
@@ -97,14 +96,9 @@ def single_graph_fn(potential: Potential):
 
     def fn(positions, species, senders, receivers, shifts, cell):
         node_mask = species >= 0
-        graph = jraph.GraphsTuple(
-            nodes={"positions": positions.astype(dtype), "species": jnp.where(node_mask, species, 0), "mask": node_mask},
-            edges={"shifts": shifts.astype(dtype), "mask": node_mask[senders] & node_mask[receivers]},
-            globals={"cell": cell.astype(dtype)[None]},
-            senders=senders,
-            receivers=receivers,
-            n_node=jnp.array([positions.shape[0]]),
-            n_edge=jnp.array([senders.shape[0]]),
+        graph = one_graph(
+            positions.astype(dtype), jnp.where(node_mask, species, 0), node_mask, senders, receivers,
+            node_mask[senders] & node_mask[receivers], cell.astype(dtype), shifts.astype(dtype),
         )
         out = energy_and_derivatives(potential, potential.variables, graph)
         return out["energy"][0], out["forces"], out["virial"][0], out["node_energy"], out["node_virial"]

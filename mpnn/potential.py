@@ -100,6 +100,30 @@ class GlobalTerm(Protocol):
         Must be differentiable in positions and cell."""
 
 
+def init_model_params(model, seed: int = 0) -> dict:
+    """Fresh parameters of a model module (flax params). Two atoms with one edge each way
+    create every parameter; `jax.eval_shape(init_model_params, model)` gives the shapes
+    without compiling anything."""
+    vectors = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    species, senders, receivers, edge_mask = jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0]), jnp.ones(2, bool)
+    return model.init(jax.random.PRNGKey(seed), vectors, species, senders, receivers, edge_mask)["params"]
+
+
+def one_graph(positions, species, node_mask, senders, receivers, edge_mask, cell, shifts=None) -> jraph.GraphsTuple:
+    """One structure as the (traceable) graph `energy_and_derivatives` takes: cell [3, 3]
+    (zeros without periodicity), shifts [n_edge, 3] (zeros when the edge vectors are given)."""
+    shifts = jnp.zeros((senders.shape[0], 3), positions.dtype) if shifts is None else shifts
+    return jraph.GraphsTuple(
+        nodes={"positions": positions, "species": species, "mask": node_mask},
+        edges={"shifts": shifts, "mask": edge_mask},
+        globals={"cell": cell[None]},
+        senders=senders,
+        receivers=receivers,
+        n_node=jnp.array([species.shape[0]]),
+        n_edge=jnp.array([senders.shape[0]]),
+    )
+
+
 def edge_vectors(positions, cell, shifts, senders, receivers, n_edge) -> jnp.ndarray:
     """v_e = r[recv] − r[send] + shift_e · cell_(graph of e), [n_edge, 3] Å."""
     edge_graph = jnp.repeat(jnp.arange(n_edge.shape[0]), n_edge, total_repeat_length=senders.shape[0])
@@ -115,7 +139,7 @@ class Potential:
     Build one with `mpnn.build_potential` (fresh) or `mpnn.load` (saved).
     """
 
-    model: Any  # flax module: the learned local term
+    model: Any  # flax module: the learned local term (None: the fixed terms and E0 alone)
     variables: dict
     numbers: tuple[int, ...]
     cutoff: float
@@ -159,12 +183,13 @@ class Potential:
 
         vectors [n_edge, 3] Å; species [n_node]; senders, receivers [n_edge]; masks bool.
         """
-        vectors = masked_edge_vectors(vectors, edge_mask)
-        model_energy = self.model.apply({"params": variables["model"]}, vectors, species, senders, receivers, edge_mask)
-        energy = variables["scale"] * model_energy + variables["shift"] + variables["e0"][species]
+        energy = variables["shift"] + variables["e0"][species]
+        if self.model is not None:
+            model_energy = self.model.apply({"params": variables["model"]}, vectors, species, senders, receivers, edge_mask)
+            energy = energy + variables["scale"] * model_energy
         if self.pair_terms:
             numbers = jnp.asarray(self.numbers, jnp.int32)[species]
-            lengths = safe_norm(vectors)
+            lengths = safe_norm(masked_edge_vectors(vectors, edge_mask))
             for term in self.pair_terms:
                 per_edge = term.edge_energies(lengths, numbers[senders], numbers[receivers], edge_mask)
                 # Half of a pair's energy rides on each direction: each atom gets half of its pairs.
@@ -340,11 +365,7 @@ def build_potential(
         model_config = make_model_config(**model_config)
     numbers = tuple(int(z) for z in numbers)
     model = build_model(model_config, len(numbers), avg_num_neighbors)
-    # Two atoms, one edge each way: enough to create every parameter.
-    vectors = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
-    params = jax.jit(model.init)(
-        jax.random.PRNGKey(seed), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0]), jnp.ones(2, bool)
-    )["params"]
+    params = jax.jit(init_model_params, static_argnums=(0, 1))(model, seed)
     variables = {
         "model": params,
         "scale": jnp.asarray(scale),

@@ -12,6 +12,7 @@ sees a half-written model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ import yaml
 
 from mpnn.config import ConfigError, from_dict, save_config
 from mpnn.models import MODELS, build_model
-from mpnn.potential import Potential, enable_x64, energy_terms
+from mpnn.potential import Potential, enable_x64, energy_terms, init_model_params
 
 FORMAT_VERSION = 2  # 2: per-model config sections and energy terms; 1 is converted on load
 
@@ -82,8 +83,9 @@ def save_model(potential: Potential, path: str | Path) -> Path:
 
 
 def _convert_v1_config(values: dict, where: Path) -> dict:
-    """Format 1 wrote one flat model section with every model's fields; keep the chosen
-    model's keys. Fields a model did not use had no effect, so dropping them is exact."""
+    """Format 1 wrote one flat model section with every field of every model (all of them,
+    defaults included); keep the chosen model's keys. Fields a model did not use had no
+    effect, so dropping them is exact."""
     model = dict(values.get("model") or {})
     name = model.get("name", "nequip")
     if name not in MODELS:
@@ -91,10 +93,6 @@ def _convert_v1_config(values: dict, where: Path) -> dict:
     known = {f.name for f in dataclasses.fields(MODELS[name].config)}
     values = dict(values)
     values["model"] = {k: v for k, v in model.items() if k in known}
-    if name == "nequip" and "parity" not in values["model"]:
-        values["model"]["parity"] = False  # format 1's default (today's NequIP default is True)
-    if name == "mace" and "num_features" not in values["model"]:
-        values["model"]["num_features"] = 32
     return values
 
 
@@ -149,10 +147,8 @@ def load_model(path: str | Path, dtype: str | None = None, *, set_precision: boo
         enable_x64()
     model = build_model(config.model, len(numbers), avg_num_neighbors)
     # Only the structure is needed: trace the initialisation without running it.
-    vectors = jax.ShapeDtypeStruct((2, 3), np.float32)
-    index = jax.ShapeDtypeStruct((2,), np.int32)
     template = {
-        "model": jax.eval_shape(model.init, jax.random.PRNGKey(0), vectors, index, index, index, jax.ShapeDtypeStruct((2,), bool))["params"],
+        "model": jax.eval_shape(functools.partial(init_model_params, model)),
         "scale": np.zeros(()),
         "shift": np.zeros(()),
         "e0": np.zeros(len(numbers)),

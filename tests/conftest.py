@@ -9,6 +9,8 @@ import mpnn
 
 mpnn.enable_x64()
 
+import functools
+
 import jax
 
 import ase
@@ -93,16 +95,13 @@ def tiny_train_config(train_file: str, run_dir, **overrides) -> Config:
 def random_potential(numbers, e0, scale, seed, dtype="float64", **model_kwargs):
     """A tiny model with random N(0, 1) weights, built without compiling `model.init`
     (consistency checks hold for any weights; this saves ~10 s of XLA compilation)."""
-    from mpnn.potential import energy_terms
+    from mpnn.potential import energy_terms, init_model_params
 
     config = tiny_model_config(dtype=dtype, **model_kwargs)
     model = build_model(config, len(numbers), avg_num_neighbors=8.0)
-    vectors = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
-    shapes = jax.eval_shape(
-        model.init, jax.random.PRNGKey(0), vectors, jnp.zeros(2, jnp.int32), jnp.array([0, 1]), jnp.array([1, 0]), jnp.ones(2, bool)
-    )
+    shapes = jax.eval_shape(functools.partial(init_model_params, model))
     rng = np.random.default_rng(seed)
-    params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape)), shapes["params"])
+    params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape)), shapes)
     variables = {"model": params, "scale": jnp.asarray(scale), "shift": jnp.asarray(0.0), "e0": jnp.asarray(e0, dtype=float)}
     pair_terms, global_terms = energy_terms(config)
     return Potential(model, variables, tuple(numbers), config.cutoff, dtype, Config(model=config), pair_terms, global_terms)

@@ -61,7 +61,6 @@ from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import jraph
 import numpy as np
 
 try:
@@ -72,7 +71,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("mpnn.jaxmd needs jax-md: pip install 'mpnn[md]' (jax-md>=0.2.29,<0.3)") from e
 
-from mpnn.potential import Potential, energy_and_derivatives
+from mpnn.potential import Potential, energy_and_derivatives, one_graph
 
 __all__ = [
     "JaxMDSystem",
@@ -212,10 +211,8 @@ def energy_fn(
     fractional_coordinates is only needed for a jax-md multi-image list built outside
     `mpnn.jaxmd.neighbor_list`.
     """
-    _no_global_terms(potential)
-    species = jnp.asarray(np.concatenate([species_indices(potential, atomic_numbers), [0]]), jnp.int32)
+    species, node_mask = _nodes(potential, atomic_numbers)
     n_atom = species.shape[0] - 1
-    node_mask = jnp.arange(n_atom + 1) < n_atom  # the last node is padding
     dtype = potential.np_dtype
 
     def energy(R, neighbor=None, **kwargs):
@@ -230,9 +227,13 @@ def energy_fn(
     return energy
 
 
-def _no_global_terms(potential: Potential) -> None:
+def _nodes(potential: Potential, atomic_numbers) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(species [N + 1], node_mask [N + 1]) for N atoms plus the padding node that jax-md's
+    padding list entries are sent to (`_mask_padding`)."""
     if potential.global_terms:
         raise NotImplementedError("mpnn.jaxmd does not run potentials with global energy terms yet; use the ASE calculator")
+    species = jnp.asarray(np.concatenate([species_indices(potential, atomic_numbers), [0]]), jnp.int32)
+    return species, jnp.arange(species.shape[0]) < species.shape[0] - 1
 
 
 def properties_fn(
@@ -248,27 +249,16 @@ def properties_fn(
 
     The per-atom virials sum to the total virial; stress = −virial / V.
     """
-    _no_global_terms(potential)
-    species = jnp.asarray(np.concatenate([species_indices(potential, atomic_numbers), [0]]), jnp.int32)
+    species, node_mask = _nodes(potential, atomic_numbers)
     n_atom = species.shape[0] - 1
-    node_mask = jnp.arange(n_atom + 1) < n_atom
     dtype = potential.np_dtype
 
     def props(R, neighbor=None, **kwargs):
         vectors, senders, receivers, edge_mask = _edges(displacement_fn, R, neighbor, kwargs, fractional_coordinates)
         current_box = kwargs.get("box", box)
-        cell = jnp.zeros((1, 3, 3), dtype)
-        if current_box is not None:
-            cell = cell.at[0].set(box_matrix(current_box).T.astype(dtype))
-        graph = jraph.GraphsTuple(
-            nodes={"positions": jnp.zeros((n_atom + 1, 3), dtype), "species": species, "mask": node_mask},
-            edges={"shifts": jnp.zeros((senders.shape[0], 3), dtype), "mask": edge_mask},
-            globals={"cell": cell},
-            senders=senders,
-            receivers=receivers,
-            n_node=jnp.array([n_atom + 1]),
-            n_edge=jnp.array([senders.shape[0]]),
-        )
+        cell = jnp.zeros((3, 3), dtype) if current_box is None else box_matrix(current_box).T.astype(dtype)
+        # The edge vectors come from jax-md: positions and shifts are not needed.
+        graph = one_graph(jnp.zeros((n_atom + 1, 3), dtype), species, node_mask, senders, receivers, edge_mask, cell)
         out = energy_and_derivatives(potential, potential.variables, graph, vectors=vectors.astype(dtype))
         result = {
             "energy": out["energy"][0],

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from mpnn.config import Config, save_config
 from mpnn.data.dataset import Splits, e0_from_config, label_warnings, load_splits
+from mpnn.data.frames import Frame
 from mpnn.data.graphs import fixed_batch_shape, frame_to_graph, iterate_batches
 from mpnn.data.statistics import average_num_neighbors, fit_e0, forces_rms, residual_per_atom
 from mpnn.evaluate import evaluate_graphs, format_metrics, make_error_fn
@@ -53,46 +54,53 @@ class TrainState:
     step: jnp.ndarray
 
 
-def energy_scaling(config: Config, splits, numbers: list[int]) -> tuple[np.ndarray, float, float]:
-    """E0 per element, scale and shift from the training set (see README, "Energy scaling").
+def energy_scaling(config: Config, frames: list[Frame], numbers: list[int]) -> tuple[np.ndarray, float, float]:
+    """E0 per element, scale and shift from the training frames (see README, "Energy scaling").
 
     With fitted E0 the mean residual is zero by construction, so shift = 0 and a lone
     atom's energy is exactly its E0. With E0 given, shift = mean residual per atom.
     """
     model = config.model
     if model.e0 == "fit":
-        e0, shift = fit_e0(splits.train, numbers), 0.0
+        e0, shift = fit_e0(frames, numbers), 0.0
     elif isinstance(model.e0, dict):
         e0 = e0_from_config(model.e0, numbers)
-        shift = float(np.mean(residual_per_atom(splits.train, e0, numbers)))
+        shift = float(np.mean(residual_per_atom(frames, e0, numbers)))
     else:
         raise ValueError(f"model.e0 must be 'fit' or a mapping element → eV, got {model.e0!r}")
     if isinstance(model.scale, float):
         scale = model.scale
     elif model.scale == "forces_rms":
-        scale = forces_rms(splits.train)
+        scale = forces_rms(frames)
     elif model.scale == "energy_std":
-        scale = float(np.std(residual_per_atom(splits.train, e0, numbers)))
+        scale = float(np.std(residual_per_atom(frames, e0, numbers)))
     else:
         raise ValueError(f"model.scale must be a number, 'forces_rms' or 'energy_std', got {model.scale!r}")
     return e0, (scale if scale > 0 else 1.0), shift
 
 
-def without_fixed_terms(potential: Potential, frames: list) -> list:
+def without_fixed_terms(potential: Potential, frames: list[Frame], graphs: list[jraph.GraphsTuple]) -> list[Frame]:
     """Frames whose energy and forces have the pair terms' share (ZBL) removed: what the
-    learned term has to fit. Unchanged when the potential has no pair terms."""
+    learned term has to fit. `graphs` are the frames' graphs (their neighbor lists are
+    reused). Unchanged when the potential has no pair terms."""
     if not potential.pair_terms:
         return list(frames)
-    # scale = 0 and E0 = 0: the potential's energy is its pair terms alone.
-    zero = {**potential.variables, "scale": jnp.zeros(()), "shift": jnp.zeros(()), "e0": jnp.zeros_like(potential.variables["e0"])}
-    fixed = potential.replace(variables=zero).predict(frames, batch_size=32)
+    # No learned term and E0 = 0: the potential's energy is its pair terms alone.
+    zero = {"model": {}, "scale": np.zeros(()), "shift": np.zeros(()), "e0": np.zeros(len(potential.numbers))}
+    fixed = potential.replace(model=None, variables=zero)
+    energies, forces = [], []
+    for batch in iterate_batches(graphs, 32):
+        out = jax.device_get(fixed.predict_graph(batch))
+        real = batch.globals["mask"]
+        energies += list(out["energy"][real])
+        forces += np.split(out["forces"], np.cumsum(batch.n_node))[: int(real.sum())]
     return [
         dataclasses.replace(
             frame,
-            energy=None if frame.energy is None else frame.energy - out["energy"],
-            forces=None if frame.forces is None else frame.forces - out["forces"],
+            energy=None if frame.energy is None else frame.energy - float(e),
+            forces=None if frame.forces is None else frame.forces - f,
         )
-        for frame, out in zip(frames, fixed)
+        for frame, e, f in zip(frames, energies, forces)
     ]
 
 
@@ -206,8 +214,7 @@ def setup(config: Config) -> Setup:
     avg_neighbors = average_num_neighbors(train_graphs)
     potential = build_potential(config.model, numbers, avg_neighbors, seed=config.seed, config=config)
     # The learned term fits what the fixed terms (ZBL) leave: its statistics come from that.
-    targets = without_fixed_terms(potential, splits.train)
-    e0, scale, shift = energy_scaling(config, Splits(targets, [], []), numbers)
+    e0, scale, shift = energy_scaling(config, without_fixed_terms(potential, splits.train, train_graphs), numbers)
     potential = potential.replace(
         variables={**potential.variables, "e0": jnp.asarray(e0), "scale": jnp.asarray(scale), "shift": jnp.asarray(shift)}
     )
