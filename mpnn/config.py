@@ -54,6 +54,11 @@ class ModelConfig:
     pair_repulsion: str | None = None  # None or "zbl"
     zbl_r_inner: float = 1.0
     zbl_r_outer: float = 1.8
+    # Long range: "electrostatics" adds a second readout (a raw charge per atom, corrected to
+    # the frame's total charge) and the electrostatic energy of those charges as Gaussian
+    # clouds of width charge_sigma (Å), free space or Ewald (mpnn/terms/electrostatics.py).
+    long_range: str | None = None  # None or "electrostatics"
+    charge_sigma: float = 1.0
     # Energy scaling. e0: per-element reference energies (eV) or "fit" (least squares).
     e0: dict[str, float] | str = "fit"
     scale: float | str = "forces_rms"  # number, "forces_rms" or "energy_std"
@@ -63,6 +68,10 @@ class ModelConfig:
         where = f"model ({self.name})"
         if self.pair_repulsion not in (None, "zbl"):
             raise ConfigError(f"{where}.pair_repulsion: {self.pair_repulsion!r} is not one of null, zbl")
+        if self.long_range not in (None, "electrostatics"):
+            raise ConfigError(f"{where}.long_range: {self.long_range!r} is not one of null, electrostatics")
+        if not self.charge_sigma > 0:
+            raise ConfigError(f"{where}.charge_sigma: must be > 0 Å, got {self.charge_sigma}")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"{where}.dtype: {self.dtype!r} is not float32 or float64")
         if self.pair_repulsion and not 0 <= self.zbl_r_inner < self.zbl_r_outer <= self.cutoff:
@@ -70,6 +79,11 @@ class ModelConfig:
                 f"{where}: ZBL switching needs 0 <= zbl_r_inner < zbl_r_outer <= cutoff, got "
                 f"{self.zbl_r_inner}, {self.zbl_r_outer}, {self.cutoff}"
             )
+
+    @property
+    def num_outputs(self) -> int:
+        """Per-atom model outputs: the energy, plus a raw charge with electrostatics."""
+        return 2 if self.long_range == "electrostatics" else 1
 
 
 @dataclass
@@ -90,6 +104,9 @@ class TrainConfig:
     energy_weight: float = 100.0  # on (eV/atom)²
     forces_weight: float = 10.0  # on (eV/Å)² per component
     stress_weight: float = 1.0  # on (eV/Å³)² per component
+    # With model.long_range=electrostatics, frames that carry these labels also fit them:
+    dipole_weight: float = 1.0  # on (e·Å)² per component, atoms.info["dipole"], molecules only
+    charges_weight: float = 0.0  # on e² per atom, atoms.arrays["charges"] (partition-dependent: opt in)
     checkpoint_every: int = 1  # epochs
     keep_checkpoints: int = 2
     progress: bool = True  # tqdm bar

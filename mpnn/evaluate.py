@@ -2,7 +2,8 @@
 
     python -m mpnn.evaluate --model RUN/model --data FILE.xyz [--json OUT] [--batch-size N]
 
-prints and writes energy (meV/atom), force (meV/Å) and stress (meV/Å³) MAE and RMSE.
+prints and writes energy (meV/atom), force (meV/Å) and stress (meV/Å³) MAE and RMSE, and
+for models with learned charges the dipole (me·Å) and charge (me) errors where labelled.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jraph
 
 from mpnn.data.frames import read_frames, validate_frame
 from mpnn.data.graphs import frame_to_graph, iterate_batches
-from mpnn.potential import CountedJit, Potential, cast_graph, energy_and_derivatives
+from mpnn.potential import CountedJit, Potential, cast_graph, energy_and_derivatives, graph_cells
 from mpnn.training.loss import error_sums, summarise
 
 
@@ -41,7 +42,9 @@ def evaluate_graphs(
     """Metrics (see `mpnn.training.loss.METRICS`) over `graphs`, plus n_frames.
 
     `shape`: fixed (n_node, n_edge) padding for every batch (default: bucketed per batch)."""
-    error_fn = error_fn or make_error_fn(potential)
+    if error_fn is None:
+        potential = potential.covering(graph_cells(graphs))
+        error_fn = make_error_fn(potential)
     variables = potential.variables if variables is None else variables
     totals: dict[str, float] = {}
     for batch in iterate_batches(graphs, batch_size, shape=shape):
@@ -63,12 +66,16 @@ def format_metrics(metrics: dict) -> str:
     def fmt(x):
         return "n/a" if x is None else f"{x:.3f}"
 
-    return (
+    text = (
         f"E MAE {fmt(metrics['energy_mae_mev_atom'])} / RMSE {fmt(metrics['energy_rmse_mev_atom'])} meV/atom | "
         f"F MAE {fmt(metrics['forces_mae_mev_A'])} / RMSE {fmt(metrics['forces_rmse_mev_A'])} meV/Å | "
         f"σ MAE {fmt(metrics['stress_mae_mev_A3'])} / RMSE {fmt(metrics['stress_rmse_mev_A3'])} meV/Å³ "
-        f"({metrics['n_frames']} frames)"
     )
+    if metrics.get("dipole_mae_me_A") is not None:
+        text += f"| dipole MAE {fmt(metrics['dipole_mae_me_A'])} me·Å "
+    if metrics.get("charges_mae_me") is not None:
+        text += f"| q MAE {fmt(metrics['charges_mae_me'])} me "
+    return text + f"({metrics['n_frames']} frames)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,12 +23,18 @@ is the export dtype, float32 unless --dtype float64):
     shifts    [E, 3] float    integer cell shifts: edge vector
                               v_k = positions[receivers[k]] − positions[senders[k]] + shifts[k] @ cell
     cell      [3, 3] float    Å, rows are lattice vectors (zeros for a molecule)
+    charge    []     float    e, total charge (only models with long_range: electrostatics)
   outputs (a tuple, in this order)
     energy      []        float  eV, sum over real atoms
     forces      [N, 3]    float  eV/Å, −∂E/∂positions (zero on padding nodes)
     virial      [3, 3]    float  eV, W = −Σ_k v_k ⊗ ∂E/∂v_k (symmetric); stress = −W / V (ASE sign)
     energies    [N]       float  eV per atom (zero on padding nodes)
     virials     [N, 3, 3] float  eV per atom, each edge's term split half to each end; Σ = virial
+    charges     [N]       float  e, learned charges summing to `charge` (electrostatics only)
+
+Electrostatics (manifest["long_range"]): the Ewald grid is a shape, fixed at export for
+cells whose lattice vectors are at most manifest["long_range"]["max_cell_length"] Å
+(`--max-cell`); molecules (zero cell) use the free-space sum.
 
 Padding: fill unused node slots with species −1 (any position) and unused edge slots with
 an edge between two padding nodes (or any edge touching a padding node): such edges are
@@ -83,31 +89,43 @@ OUTPUTS = [
     {"name": "energies", "shape": ["N"], "units": "eV"},
     {"name": "virials", "shape": ["N", 3, 3], "units": "eV"},
 ]
+CHARGE_INPUT = {"name": "charge", "shape": [], "dtype": "float", "units": "e", "doc": "total charge"}
+CHARGES_OUTPUT = {"name": "charges", "shape": ["N"], "units": "e", "doc": "learned charges; they sum to charge"}
+DEFAULT_MAX_CELL = 30.0  # Å, longest lattice vector an electrostatics export serves
+
+
+def has_charges(potential: Potential) -> bool:
+    """Whether the potential predicts charges (model.long_range=electrostatics)."""
+    return bool(potential.config and getattr(potential.config.model, "long_range", None))
 
 
 def single_graph_fn(potential: Potential):
-    """(positions, species, senders, receivers, shifts, cell) → (energy, forces, virial, energies, virials).
+    """(positions, species, senders, receivers, shifts, cell[, charge]) → (energy, forces,
+    virial, energies, virials[, charges]); the bracketed ones with electrostatics.
 
     One structure per call; species −1 marks padding nodes, and edges touching a padding
     node are masked out, so they change nothing. Built on `energy_and_derivatives`: the
     energy terms and their derivatives are the ones training and the ASE calculator use.
     """
     dtype = potential.np_dtype
+    charged = has_charges(potential)
 
-    def fn(positions, species, senders, receivers, shifts, cell):
+    def fn(positions, species, senders, receivers, shifts, cell, charge=0.0):
         node_mask = species >= 0
         graph = one_graph(
             positions.astype(dtype), jnp.where(node_mask, species, 0), node_mask, senders, receivers,
-            node_mask[senders] & node_mask[receivers], cell.astype(dtype), shifts.astype(dtype),
+            node_mask[senders] & node_mask[receivers], cell.astype(dtype), shifts.astype(dtype), charge,
         )
         out = energy_and_derivatives(potential, potential.variables, graph)
-        return out["energy"][0], out["forces"], out["virial"][0], out["node_energy"], out["node_virial"]
+        results = (out["energy"][0], out["forces"], out["virial"][0], out["node_energy"], out["node_virial"])
+        return results + (out["charges"],) if charged else results
 
     return fn
 
 
 def export_bucket(potential: Potential, n_node: int, n_edge: int, platforms: Sequence[str] | None = None):
-    """`jax.export.Exported` of `single_graph_fn` for one (n_node, n_edge) bucket."""
+    """`jax.export.Exported` of `single_graph_fn` for one (n_node, n_edge) bucket (global
+    terms as sized by `potential.covering`, see `export_model`)."""
     float_dtype = potential.np_dtype
     specs = (
         jax.ShapeDtypeStruct((n_node, 3), float_dtype),
@@ -117,6 +135,8 @@ def export_bucket(potential: Potential, n_node: int, n_edge: int, platforms: Seq
         jax.ShapeDtypeStruct((n_edge, 3), float_dtype),
         jax.ShapeDtypeStruct((3, 3), float_dtype),
     )
+    if has_charges(potential):
+        specs += (jax.ShapeDtypeStruct((), float_dtype),)
     return jax.export.export(jax.jit(single_graph_fn(potential)), platforms=platforms)(*specs)
 
 
@@ -135,9 +155,14 @@ def export_model(
     out: str | Path,
     buckets: Sequence[tuple[int, int]] = DEFAULT_BUCKETS,
     platforms: Sequence[str] | None = ("cpu", "cuda"),
+    max_cell: float = DEFAULT_MAX_CELL,
 ) -> dict:
-    """Write the zip archive described in the module docstring; returns its manifest."""
+    """Write the zip archive described in the module docstring; returns its manifest.
+    max_cell (Å): longest lattice vector the electrostatics of the export must serve."""
     out = Path(out)
+    charged = has_charges(potential)
+    if charged:  # molecules (zero cell) and cells up to max_cell
+        potential = potential.covering(np.stack([np.zeros((3, 3)), np.eye(3) * max_cell]))
     entries, files = [], {}
     platforms = tuple(platforms) if platforms else None
     for n_node, n_edge in sorted(set(buckets)):
@@ -158,8 +183,9 @@ def export_model(
         "cutoff": potential.cutoff,
         "dtype": potential.dtype,
         "units": {"length": "Å", "energy": "eV", "force": "eV/Å", "virial": "eV"},
-        "inputs": INPUTS,
-        "outputs": OUTPUTS,
+        "inputs": INPUTS + ([CHARGE_INPUT] if charged else []),
+        "outputs": OUTPUTS + ([CHARGES_OUTPUT] if charged else []),
+        "long_range": {"kind": "electrostatics", "max_cell_length": max_cell} if charged else None,
         "padding": "species -1 marks padding nodes; edges touching a padding node are ignored",
         "buckets": entries,
     }
@@ -191,7 +217,8 @@ def load_exported(path: str | Path) -> tuple[dict, dict]:
 
 
 def graph_inputs(potential: Potential, atoms, n_node: int, n_edge: int) -> tuple[np.ndarray, ...]:
-    """The six inputs for `atoms`, padded to (n_node, n_edge), from mpnn's host neighbor list."""
+    """The inputs for `atoms` (six, and the total charge atoms.info["charge"] with
+    electrostatics), padded to (n_node, n_edge), from mpnn's host neighbor list."""
     from mpnn.data.neighbors import neighbor_list
 
     n = len(atoms)
@@ -209,6 +236,8 @@ def graph_inputs(potential: Potential, atoms, n_node: int, n_edge: int) -> tuple
     shift = np.zeros((n_edge, 3), dtype)
     shift[: len(senders)] = shifts
     cell = np.asarray(atoms.cell.array if np.any(atoms.pbc) else np.zeros((3, 3)), dtype)
+    if has_charges(potential):
+        return positions, species, send, recv, shift, cell, np.asarray(atoms.info.get("charge", 0.0), dtype)
     return positions, species, send, recv, shift, cell
 
 
@@ -225,6 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default: the model's")
     parser.add_argument("--platforms", default="cpu,cuda", help="comma-separated jax.export platforms (default: %(default)s)")
+    parser.add_argument(
+        "--max-cell", type=float, default=DEFAULT_MAX_CELL,
+        help="electrostatics only: longest lattice vector (Å) the Ewald grid serves (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     from mpnn.saved_model import load_model
@@ -232,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     potential = load_model(args.model, dtype=args.dtype, set_precision=True)
     buckets = [_parse_bucket(b) for b in args.bucket] if args.bucket else list(DEFAULT_BUCKETS)
     platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
-    manifest = export_model(potential, args.out, buckets, platforms)
+    manifest = export_model(potential, args.out, buckets, platforms, args.max_cell)
     size = Path(args.out).stat().st_size
     print(
         f"wrote {args.out} ({size / 1e6:.2f} MB): elements {manifest['numbers']}, cutoff {manifest['cutoff']} Å, "

@@ -132,7 +132,10 @@ def _run_md(
     if ensemble == "npt" and not periodic:
         raise ValueError("npt needs a periodic cell (atoms.pbc all True)")
 
-    energy = J.energy_fn(potential, system.displacement_fn, system.numbers)
+    energy = J.energy_fn(
+        potential, system.displacement_fn, system.numbers, fractional_coordinates=system.fractional,
+        box=system.box, total_charge=float(atoms.info.get("charge", 0.0)),
+    )
     nbr_fns = J.neighbor_list(
         potential, system.displacement_fn, system.box, fractional_coordinates=system.fractional,
         dr_threshold=dr_threshold, capacity_multiplier=capacity_multiplier,

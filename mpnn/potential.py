@@ -2,7 +2,7 @@
 
     E = Σ_i [scale · ε_i + shift + E0(Z_i)]      learned local model, per atom
       + Σ_(i,j) V_pair(r_ij)                      pair terms on edges (ZBL repulsion)
-      + Σ_k E_k(positions, cell, per-atom outputs) global terms (electrostatics: later)
+      + Σ_k E_k(positions, cell, per-atom outputs) global terms (electrostatics of learned charges)
 
 This module is the one place that formula lives: training, evaluation, the ASE
 calculator, jax-md and export all call `local_energies` / `energy_and_derivatives`.
@@ -90,14 +90,18 @@ class PairTerm(Protocol):
 
 
 class GlobalTerm(Protocol):
-    """An energy term of whole frames (e.g. electrostatics of predicted charges)."""
+    """An energy term of whole frames (e.g. `mpnn.terms.electrostatics.Electrostatics`)."""
 
-    def __call__(self, positions, cell, numbers, node_mask, node_graph, n_graph, node_outputs):
+    def __call__(self, positions, cell, numbers, node_mask, node_graph, n_graph, node_outputs, total_charge) -> dict:
         """positions [n_node, 3] Å, cell [n_graph, 3, 3] Å (rows; zeros where not
         periodic), atomic numbers [n_node], node_mask [n_node], node_graph [n_node] (frame
-        of each node), n_graph (static int), node_outputs (dict of per-atom model outputs)
-        → (energy per frame [n_graph] eV, per-atom energies [n_node] eV or None).
-        Must be differentiable in positions and cell."""
+        of each node), n_graph (static int), node_outputs (dict of per-atom model outputs
+        besides the energy, e.g. "charge"), total_charge [n_graph] e
+        → {"energy": [n_graph] eV, "node_energy": [n_node] eV or None, and any other
+        per-atom or per-frame results it wants reported (e.g. "charges", "dipole")}.
+        Must be differentiable in positions, cell and node_outputs. A term with a
+        `covering(cells)` method is given the chance to adapt static sizes to the cells
+        it will see (on the host, before tracing)."""
 
 
 def init_model_params(model, seed: int = 0) -> dict:
@@ -109,14 +113,17 @@ def init_model_params(model, seed: int = 0) -> dict:
     return model.init(jax.random.PRNGKey(seed), vectors, species, senders, receivers, edge_mask)["params"]
 
 
-def one_graph(positions, species, node_mask, senders, receivers, edge_mask, cell, shifts=None) -> jraph.GraphsTuple:
+def one_graph(
+    positions, species, node_mask, senders, receivers, edge_mask, cell, shifts=None, total_charge=0.0
+) -> jraph.GraphsTuple:
     """One structure as the (traceable) graph `energy_and_derivatives` takes: cell [3, 3]
-    (zeros without periodicity), shifts [n_edge, 3] (zeros when the edge vectors are given)."""
+    (zeros without periodicity), shifts [n_edge, 3] (zeros when the edge vectors are given),
+    total_charge in e."""
     shifts = jnp.zeros((senders.shape[0], 3), positions.dtype) if shifts is None else shifts
     return jraph.GraphsTuple(
         nodes={"positions": positions, "species": species, "mask": node_mask},
         edges={"shifts": shifts, "mask": edge_mask},
-        globals={"cell": cell[None]},
+        globals={"cell": cell[None], "charge": jnp.reshape(jnp.asarray(total_charge, positions.dtype), (1,))},
         senders=senders,
         receivers=receivers,
         n_node=jnp.array([species.shape[0]]),
@@ -183,10 +190,18 @@ class Potential:
 
         vectors [n_edge, 3] Å; species [n_node]; senders, receivers [n_edge]; masks bool.
         """
+        return self.local_terms(variables, vectors, species, senders, receivers, node_mask, edge_mask)[0]
+
+    def local_terms(self, variables, vectors, species, senders, receivers, node_mask, edge_mask):
+        """(per-atom energies [n_node] eV as `local_energies`, per-atom model outputs for
+        the global terms: {"charge": raw charges [n_node] e} when the model predicts them)."""
         energy = variables["shift"] + variables["e0"][species]
+        outputs = {}
         if self.model is not None:
-            model_energy = self.model.apply({"params": variables["model"]}, vectors, species, senders, receivers, edge_mask)
-            energy = energy + variables["scale"] * model_energy
+            model_out = self.model.apply({"params": variables["model"]}, vectors, species, senders, receivers, edge_mask)
+            if model_out.ndim == 2:  # [n_node, 2]: energy and raw charge (models with num_outputs=2)
+                model_out, outputs["charge"] = model_out[:, 0], model_out[:, 1]
+            energy = energy + variables["scale"] * model_out
         if self.pair_terms:
             numbers = jnp.asarray(self.numbers, jnp.int32)[species]
             lengths = safe_norm(masked_edge_vectors(vectors, edge_mask))
@@ -194,26 +209,42 @@ class Potential:
                 per_edge = term.edge_energies(lengths, numbers[senders], numbers[receivers], edge_mask)
                 # Half of a pair's energy rides on each direction: each atom gets half of its pairs.
                 energy = energy + jax.ops.segment_sum(per_edge, receivers, species.shape[0])
-        return jnp.where(node_mask, energy, 0.0)
+        return jnp.where(node_mask, energy, 0.0), outputs
 
-    def global_energies(self, variables, positions, cell, species, node_mask, node_graph, n_graph):
-        """Σ over global terms: (energy per frame [n_graph], per-atom energies [n_node]) in eV."""
+    def global_energies(self, positions, cell, species, node_mask, node_graph, n_graph, node_outputs, total_charge):
+        """Σ over global terms: (energy per frame [n_graph] eV, per-atom energies [n_node]
+        eV, other results of the terms, e.g. {"charges", "dipole"})."""
         numbers = jnp.asarray(self.numbers, jnp.int32)[species]
         graph_energy = jnp.zeros(n_graph, positions.dtype)
         node_energy = jnp.zeros(species.shape[0], positions.dtype)
+        extras = {}
         for term in self.global_terms:
-            term_graph, term_node = term(positions, cell, numbers, node_mask, node_graph, n_graph, {})
-            graph_energy = graph_energy + term_graph
+            out = dict(term(positions, cell, numbers, node_mask, node_graph, n_graph, node_outputs, total_charge))
+            graph_energy = graph_energy + out.pop("energy")
+            term_node = out.pop("node_energy", None)
             if term_node is not None:
                 node_energy = node_energy + jnp.where(node_mask, term_node, 0.0)
-        return graph_energy, node_energy
+            extras.update(out)
+        return graph_energy, node_energy, extras
+
+    def covering(self, cells, margin: float = 1.0) -> "Potential":
+        """This potential with global terms sized for the cells [.., 3, 3] Å it will see
+        (e.g. the reciprocal grid of Ewald sums); itself if nothing changes."""
+        terms = tuple(t.covering(cells, margin) if hasattr(t, "covering") else t for t in self.global_terms)
+        return self if terms == self.global_terms else self.replace(global_terms=terms)
 
     # --- prediction -------------------------------------------------------------------
 
     def predict_graph(self, graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:
         """Jitted `energy_and_derivatives` on a padded graph (see `mpnn.data.graphs`)."""
+        if self.global_terms:
+            covered = self.covering(np.asarray(graph.globals["cell"]))
+            if covered is not self:  # a term grew (e.g. a larger Ewald grid): recompile
+                self.global_terms, self._jitted = covered.global_terms, None
         if self._jitted is None:
+            n_compiles = self.n_compiles
             self._jitted = CountedJit(lambda variables, graph: energy_and_derivatives(self, variables, graph))
+            self._jitted.n_compiles = n_compiles
         return self._jitted(self.variables, cast_graph(graph, self.np_dtype))
 
     def to_graph(self, atoms: ase.Atoms | Frame) -> jraph.GraphsTuple:
@@ -221,11 +252,18 @@ class Potential:
         unknown = sorted(set(frame.numbers.tolist()) - set(self.numbers))
         if unknown:
             raise ValueError(f"{frame.source}: elements {unknown} are not known to this model (knows {list(self.numbers)})")
+        if self.global_terms and frame.pbc.any() and not frame.pbc.all():
+            raise ValueError(
+                f"{frame.source}: pbc={frame.pbc.tolist()}: the long-range term needs a cell periodic in all "
+                "three directions or none (for a slab, make it 3D-periodic with enough vacuum)"
+            )
         return frame_to_graph(frame, self.cutoff, self.species_index)
 
     def predict(self, structures: Sequence[ase.Atoms | Frame], batch_size: int = 16) -> list[dict[str, np.ndarray]]:
         """Energy (eV), forces (eV/Å), per-atom energies (eV), and for periodic cells
-        stress (eV/Å³, ASE sign), virial (eV) and per-atom virials, one dict per structure."""
+        stress (eV/Å³, ASE sign), virial (eV) and per-atom virials, one dict per structure.
+        With electrostatics also "charges" (e; they sum to `atoms.info["charge"]`, default
+        0) and, for molecules, "dipole" (e·Å)."""
         if isinstance(structures, (ase.Atoms, Frame)):
             structures = [structures]
         results = []
@@ -245,6 +283,10 @@ class Potential:
                     "forces": np.asarray(out["forces"][offset : offset + n], dtype=np.float64),
                     "energies": np.asarray(out["node_energy"][offset : offset + n], dtype=np.float64),
                 }
+                if "charges" in out:
+                    result["charges"] = np.asarray(out["charges"][offset : offset + n], dtype=np.float64)
+                    if not np.any(structure.pbc):  # the dipole of a periodic cell is not defined
+                        result["dipole"] = np.asarray(out["dipole"][k], dtype=np.float64)
                 if np.any(structure.pbc):
                     result["stress"] = np.asarray(out["stress"][k], dtype=np.float64)
                     result["virial"] = np.asarray(out["virial"][k], dtype=np.float64)
@@ -252,6 +294,35 @@ class Potential:
                 results.append(result)
                 offset += n
         return results
+
+
+def graph_energies(potential: Potential, variables: dict, graph: jraph.GraphsTuple, vectors, positions=None, strain=None):
+    """The total energy and its parts, without derivatives: (energy per frame [n_graph] eV,
+    per-atom energies [n_node] eV, what global terms report, e.g. {"charges", "dipole"}).
+
+    vectors [n_edge, 3] Å feed the local and pair terms; global terms see `positions`
+    (default: the graph's) and the cells, both under `strain` [n_graph, 3, 3] (default 0).
+    """
+    species, node_mask = graph.nodes["species"], graph.nodes["mask"]
+    num_nodes, num_graphs = species.shape[0], graph.n_node.shape[0]
+    node_graph = jnp.repeat(jnp.arange(num_graphs), graph.n_node, total_repeat_length=num_nodes)
+    node_energy, node_outputs = potential.local_terms(
+        variables, vectors, species, graph.senders, graph.receivers, node_mask, graph.edges["mask"]
+    )
+    graph_energy = jax.ops.segment_sum(node_energy, node_graph, num_graphs)
+    if not potential.global_terms:
+        return graph_energy, node_energy, {}
+    positions = graph.nodes["positions"] if positions is None else positions
+    cell = graph.globals["cell"]
+    if strain is not None:
+        positions = positions + jnp.einsum("ni,nij->nj", positions, strain[node_graph])
+        cell = cell + jnp.einsum("gki,gij->gkj", cell, strain)
+    total_charge = graph.globals.get("charge") if isinstance(graph.globals, dict) else None
+    total_charge = jnp.zeros(num_graphs, positions.dtype) if total_charge is None else total_charge
+    global_graph, global_node, extras = potential.global_energies(
+        positions, cell, species, node_mask, node_graph, num_graphs, node_outputs, total_charge
+    )
+    return graph_energy + global_graph, node_energy + global_node, extras
 
 
 def energy_and_derivatives(
@@ -265,33 +336,27 @@ def energy_and_derivatives(
     its displacements).
     Returns energy [n_graph], node_energy [n_node], forces [n_node, 3], virial
     [n_graph, 3, 3], stress [n_graph, 3, 3] (zero where the cell has no volume),
-    node_virial [n_node, 3, 3] (local and pair terms).
+    node_virial [n_node, 3, 3] (local and pair terms), and what global terms report
+    (electrostatics: charges [n_node] e, dipole [n_graph, 3] e·Å). A frame's total
+    charge is read from globals["charge"] (e; 0 when absent).
     """
-    species, node_mask, positions = graph.nodes["species"], graph.nodes["mask"], graph.nodes["positions"]
-    senders, receivers, edge_mask = graph.senders, graph.receivers, graph.edges["mask"]
-    cell = graph.globals["cell"]
+    species, positions, senders, receivers = graph.nodes["species"], graph.nodes["positions"], graph.senders, graph.receivers
     num_nodes, num_graphs = species.shape[0], graph.n_node.shape[0]
-    node_graph = jnp.repeat(jnp.arange(num_graphs), graph.n_node, total_repeat_length=num_nodes)
+    node_mask, cell = graph.nodes["mask"], graph.globals["cell"]
     edge_graph = jnp.repeat(jnp.arange(num_graphs), graph.n_edge, total_repeat_length=senders.shape[0])
     if vectors is None:
         vectors = edge_vectors(positions, cell, graph.edges["shifts"], senders, receivers, graph.n_edge)
     has_global = bool(potential.global_terms)
 
     def total_energy(vectors, positions, strain):
-        node_energy = potential.local_energies(variables, vectors, species, senders, receivers, node_mask, edge_mask)
-        graph_energy = jax.ops.segment_sum(node_energy, node_graph, num_graphs)
-        if has_global:
-            strained_positions = positions + jnp.einsum("ni,nij->nj", positions, strain[node_graph])
-            strained_cell = cell + jnp.einsum("gki,gij->gkj", cell, strain)
-            global_graph, global_node = potential.global_energies(
-                variables, strained_positions, strained_cell, species, node_mask, node_graph, num_graphs
-            )
-            graph_energy, node_energy = graph_energy + global_graph, node_energy + global_node
-        return jnp.sum(graph_energy), (graph_energy, node_energy)
+        graph_energy, node_energy, extras = graph_energies(potential, variables, graph, vectors, positions, strain)
+        return jnp.sum(graph_energy), (graph_energy, node_energy, extras)
 
     strain = jnp.zeros((num_graphs, 3, 3), vectors.dtype)
     argnums = (0, 1, 2) if has_global else (0,)
-    (_, (energy, node_energy)), grads = jax.value_and_grad(total_energy, argnums, has_aux=True)(vectors, positions, strain)
+    (_, (energy, node_energy, extras)), grads = jax.value_and_grad(total_energy, argnums, has_aux=True)(
+        vectors, positions, strain
+    )
     grad = grads[0]
     forces = jax.ops.segment_sum(grad, senders, num_nodes) - jax.ops.segment_sum(grad, receivers, num_nodes)
     edge_virial = -jnp.einsum("ei,ej->eij", vectors, grad)
@@ -314,7 +379,13 @@ def energy_and_derivatives(
         "virial": virial,
         "stress": stress,
         "node_virial": node_virial,
+        **extras,  # from global terms: e.g. "charges" [n_node] e, "dipole" [n_graph, 3] e·Å
     }
+
+
+def graph_cells(graphs: Sequence[jraph.GraphsTuple]) -> np.ndarray:
+    """All cells [n, 3, 3] Å of a list of graphs (for `Potential.covering`)."""
+    return np.concatenate([np.asarray(g.globals["cell"]).reshape(-1, 3, 3) for g in graphs]) if graphs else np.zeros((0, 3, 3))
 
 
 def cast_graph(graph: jraph.GraphsTuple, dtype) -> jraph.GraphsTuple:
@@ -333,12 +404,16 @@ def cast_tree(tree, dtype):
 
 def energy_terms(model_config) -> tuple[tuple, tuple]:
     """(pair_terms, global_terms) that a model config switches on."""
-    pair_terms = []
+    pair_terms, global_terms = [], []
     if model_config.pair_repulsion == "zbl":
         from mpnn.terms.zbl import ZBLRepulsion
 
         pair_terms.append(ZBLRepulsion(model_config.zbl_r_inner, model_config.zbl_r_outer))
-    return tuple(pair_terms), ()
+    if model_config.long_range == "electrostatics":
+        from mpnn.terms.electrostatics import Electrostatics
+
+        global_terms.append(Electrostatics(sigma=model_config.charge_sigma))
+    return tuple(pair_terms), tuple(global_terms)
 
 
 def build_potential(

@@ -1,6 +1,7 @@
 """Physics every registered model must keep (README, "Physics tests"), in float64
-with tight tolerances, for every model × {no pair term, ZBL repulsion}, and for a
-global energy term (through positions and strain).
+with tight tolerances, for every model × {no pair term, ZBL repulsion}. The global-term
+route (derivatives through positions and strain) is checked with the electrostatic term
+in tests/test_electrostatics.py.
 
 One tiny potential per case (module-scoped) with random weights: symmetry and
 consistency hold for any weights, so no training is needed here.
@@ -31,28 +32,6 @@ def make_potential(name: str, dtype: str = "float64", seed: int = 0, **model_kwa
     return build_potential(
         tiny_model_config(name, dtype, **model_kwargs), NUMBERS, avg_num_neighbors=8.0, e0=E0, scale=0.7, seed=seed
     )
-
-
-class SoftCoulombAndPressure:
-    """A test-only global term: Σ_{i<j in a frame} q_i q_j erf(r_ij)/r_ij over all pairs (no
-    cutoff, no images) with fixed charges per element, plus p·V per periodic frame. Not
-    physics, but a smooth function of positions and cell that no edge list describes: it
-    checks the position and strain derivative route of `energy_and_derivatives`."""
-
-    pressure = 0.01  # eV/Å³
-
-    def __call__(self, positions, cell, numbers, node_mask, node_graph, n_graph, node_outputs):
-        import jax.scipy.special
-
-        charges = jnp.where(node_mask, 0.1 * (numbers % 3) - 0.1, 0.0)
-        diff = positions[:, None, :] - positions[None, :, :]
-        same = (node_graph[:, None] == node_graph[None, :]) & ~jnp.eye(len(numbers), dtype=bool)
-        r = jnp.sqrt(jnp.where(same[..., None], diff, 1.0).__pow__(2).sum(-1))
-        pair = jnp.where(same, charges[:, None] * charges[None, :] * jax.scipy.special.erf(r) / r, 0.0)
-        node_energy = 0.5 * pair.sum(axis=1)
-        volume = jnp.abs(jnp.linalg.det(cell))
-        graph_energy = jax.ops.segment_sum(node_energy, node_graph, n_graph) + self.pressure * volume
-        return graph_energy, node_energy
 
 
 CASES = [(name, None) for name in MODEL_NAMES] + [(name, "zbl") for name in MODEL_NAMES]
@@ -278,45 +257,3 @@ def _frame(atoms):
     from mpnn.data.frames import Frame
 
     return Frame.from_atoms(atoms)
-
-
-# --- a global term: derivatives through positions and strain ---------------------------
-
-
-def test_global_term_forces_and_stress_are_exact():
-    """Forces and stress of a term that is not a function of edge vectors (positions and
-    cell under strain) match finite differences, and add up with the local model's."""
-    local = make_potential("nequip", pair_repulsion="zbl")
-    both = local.replace(global_terms=(SoftCoulombAndPressure(),))
-    h = 1e-5
-    for atoms in (ethanol(), copper_cell()):
-        batch = [atoms]
-        moves = [(0, 0), (2, 1), (len(atoms) - 1, 2)]
-        for i, d in moves:
-            for sign in (1, -1):
-                a = atoms.copy()
-                a.positions[i, d] += sign * h
-                batch.append(a)
-        components = [(0, 0), (1, 2)] if atoms.pbc.all() else []
-        for a, b in components:
-            strain = np.zeros((3, 3))
-            strain[a, b] = strain[b, a] = h / 2 if a != b else h
-            batch += [strained(atoms, strain), strained(atoms, -strain)]
-        results = both.predict(batch)
-        alone = local.predict([atoms])[0]
-        assert abs(results[0]["energy"] - alone["energy"]) > 1e-3  # the term does something
-        for k, (i, d) in enumerate(moves):
-            fd = -(results[1 + 2 * k]["energy"] - results[2 + 2 * k]["energy"]) / (2 * h)
-            assert abs(fd - results[0]["forces"][i, d]) < 1e-6 * max(1.0, abs(fd)), (i, d)
-        offset = 1 + 2 * len(moves)
-        volume = abs(np.linalg.det(atoms.cell.array))
-        for k, (a, b) in enumerate(components):
-            fd = (results[offset + 2 * k]["energy"] - results[offset + 2 * k + 1]["energy"]) / (2 * h) / volume
-            assert abs(fd - results[0]["stress"][a, b]) < 1e-6 * max(1e-2, abs(fd)), (a, b)
-        rotation = Rotation.random(random_state=7).as_matrix()
-        moved = atoms.copy()
-        moved.positions = atoms.positions @ rotation.T
-        moved.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
-        turned = both.predict([moved])[0]
-        assert abs(turned["energy"] - results[0]["energy"]) < 1e-9 * abs(results[0]["energy"])
-        assert relative_error(turned["forces"], results[0]["forces"] @ rotation.T) < 1e-9

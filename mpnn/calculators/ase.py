@@ -21,9 +21,11 @@ from mpnn.potential import Potential
 
 class MPNNCalculator(Calculator):
     """Energy (eV), forces (eV/Å), per-atom energies, and for periodic cells stress
-    (eV/Å³, Voigt, ASE sign) and per-atom virials (eV, `atoms.calc.results["virials"]`)."""
+    (eV/Å³, Voigt, ASE sign) and per-atom virials (eV, `atoms.calc.results["virials"]`).
+    With model.long_range=electrostatics also "charges" (e, summing to
+    `atoms.info["charge"]`, default 0) and for molecules "dipole" (e·Å)."""
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "virials"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "virials", "charges", "dipole"]
 
     def __init__(self, model: str | Path | Potential, dtype: str | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -53,6 +55,10 @@ class MPNNCalculator(Calculator):
             "energies": np.asarray(out["node_energy"][:n_atom], dtype=np.float64),
             "forces": np.asarray(out["forces"][:n_atom], dtype=np.float64),
         }
+        if "charges" in out:
+            self.results["charges"] = np.asarray(out["charges"][:n_atom], dtype=np.float64)
+            if not self.atoms.pbc.any():
+                self.results["dipole"] = np.asarray(out["dipole"][0], dtype=np.float64)
         if self.atoms.pbc.any():
             self.results["stress"] = full_3x3_to_voigt_6_stress(np.asarray(out["stress"][0], dtype=np.float64))
             self.results["virials"] = np.asarray(out["node_virial"][:n_atom], dtype=np.float64)

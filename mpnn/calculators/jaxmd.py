@@ -71,7 +71,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("mpnn.jaxmd needs jax-md: pip install 'mpnn[md]' (jax-md>=0.2.29,<0.3)") from e
 
-from mpnn.potential import Potential, energy_and_derivatives, one_graph
+from mpnn.potential import Potential, energy_and_derivatives, graph_energies, one_graph
 
 __all__ = [
     "JaxMDSystem",
@@ -200,6 +200,8 @@ def energy_fn(
     atomic_numbers: Sequence[int],
     per_atom: bool = False,
     fractional_coordinates: bool | None = None,
+    box=None,
+    total_charge: float = 0.0,
 ) -> Callable[..., jnp.ndarray]:
     """A jax-md energy function `energy(R, neighbor=None, **kwargs) -> E` (eV).
 
@@ -209,29 +211,61 @@ def energy_fn(
     ...) go to `displacement_fn`. With `per_atom`, returns per-atom energies [N].
     Differentiable in R (forces), box and perturbation (stress); jittable.
     fractional_coordinates is only needed for a jax-md multi-image list built outside
-    `mpnn.jaxmd.neighbor_list`.
+    `mpnn.jaxmd.neighbor_list`, and for long-range terms with fractional positions.
+
+    Long-range terms (model.long_range) see positions and the cell, not just neighbor
+    pairs: pass the simulation `box` (None: free space) and the system's `total_charge`
+    (e). The Ewald grid is sized here for that box with 20 % room to grow (NPT).
     """
     species, node_mask = _nodes(potential, atomic_numbers)
     n_atom = species.shape[0] - 1
     dtype = potential.np_dtype
+    potential = _covering(potential, box)
 
     def energy(R, neighbor=None, **kwargs):
         if R.shape[0] != n_atom:
             raise ValueError(f"energy_fn was built for {n_atom} atoms, got positions of shape {R.shape}")
         vectors, senders, receivers, edge_mask = _edges(displacement_fn, R, neighbor, kwargs, fractional_coordinates)
-        node_energy = potential.local_energies(
-            potential.variables, vectors.astype(dtype), species, senders, receivers, node_mask, edge_mask
-        )[:n_atom]
+        if not potential.global_terms:
+            node_energy = potential.local_energies(
+                potential.variables, vectors.astype(dtype), species, senders, receivers, node_mask, edge_mask
+            )[:n_atom]
+        else:
+            graph = _global_graph(R, kwargs, box, fractional_coordinates, species, node_mask, senders, receivers, edge_mask, total_charge, dtype)
+            node_energy = graph_energies(potential, potential.variables, graph, vectors.astype(dtype))[1][:n_atom]
         return node_energy if per_atom else jnp.sum(node_energy)
 
     return energy
 
 
+def _covering(potential: Potential, box) -> Potential:
+    """The potential with long-range terms sized for `box` (None: free space)."""
+    if not potential.global_terms:
+        return potential
+    cell = np.zeros((3, 3)) if box is None else _host_box(box).T
+    return potential.covering(cell[None], margin=1.2)
+
+
+def _global_graph(R, kwargs, box, fractional, species, node_mask, senders, receivers, edge_mask, total_charge, dtype):
+    """The one-structure graph global terms need: real positions and the cell (rows =
+    lattice vectors), both carried through jax-md's `perturbation` (stress)."""
+    current_box = kwargs.get("box", box)
+    if current_box is None:
+        positions, cell = R, jnp.zeros((3, 3), R.dtype)
+    else:
+        T = box_matrix(current_box)
+        positions, cell = (R @ T.T if fractional else R), T.T
+    if "perturbation" in kwargs:  # jax-md's strain: r → P r for every vector
+        P = jnp.asarray(kwargs["perturbation"])
+        P = jnp.eye(3, dtype=R.dtype) * P if P.ndim == 0 else P
+        positions, cell = positions @ P.T, cell @ P.T
+    positions = jnp.concatenate([positions, jnp.zeros((1, 3), positions.dtype)]).astype(dtype)
+    return one_graph(positions, species, node_mask, senders, receivers, edge_mask, cell.astype(dtype), total_charge=total_charge)
+
+
 def _nodes(potential: Potential, atomic_numbers) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(species [N + 1], node_mask [N + 1]) for N atoms plus the padding node that jax-md's
     padding list entries are sent to (`_mask_padding`)."""
-    if potential.global_terms:
-        raise NotImplementedError("mpnn.jaxmd does not run potentials with global energy terms yet; use the ASE calculator")
     species = jnp.asarray(np.concatenate([species_indices(potential, atomic_numbers), [0]]), jnp.int32)
     return species, jnp.arange(species.shape[0]) < species.shape[0] - 1
 
@@ -242,23 +276,29 @@ def properties_fn(
     atomic_numbers: Sequence[int],
     box=None,
     fractional_coordinates: bool | None = None,
+    total_charge: float = 0.0,
 ) -> Callable[..., dict]:
     """`props(R, neighbor=None, **kwargs)` → {"energy", "energies", "forces", "virial",
-    "virials", and with a box "stress"} in eV, eV/Å, eV (virials per atom, [N, 3, 3]) and
-    eV/Å³ (ASE sign), from one backward pass over edge vectors (`energy_and_derivatives`).
+    "virials", and with a box "stress"; with electrostatics "charges"} in eV, eV/Å, eV
+    (virials per atom, [N, 3, 3]), eV/Å³ (ASE sign) and e, from one backward pass over
+    edge vectors (and positions and strain for long-range terms: `energy_and_derivatives`).
 
-    The per-atom virials sum to the total virial; stress = −virial / V.
+    The per-atom virials sum to the total virial (per-atom virials cover the local and
+    pair terms only); stress = −virial / V.
     """
     species, node_mask = _nodes(potential, atomic_numbers)
     n_atom = species.shape[0] - 1
     dtype = potential.np_dtype
+    potential = _covering(potential, box)
 
     def props(R, neighbor=None, **kwargs):
         vectors, senders, receivers, edge_mask = _edges(displacement_fn, R, neighbor, kwargs, fractional_coordinates)
         current_box = kwargs.get("box", box)
-        cell = jnp.zeros((3, 3), dtype) if current_box is None else box_matrix(current_box).T.astype(dtype)
-        # The edge vectors come from jax-md: positions and shifts are not needed.
-        graph = one_graph(jnp.zeros((n_atom + 1, 3), dtype), species, node_mask, senders, receivers, edge_mask, cell)
+        if potential.global_terms:
+            graph = _global_graph(R, kwargs, box, fractional_coordinates, species, node_mask, senders, receivers, edge_mask, total_charge, dtype)
+        else:  # the edge vectors come from jax-md: positions and shifts are not needed
+            cell = jnp.zeros((3, 3), dtype) if current_box is None else box_matrix(current_box).T.astype(dtype)
+            graph = one_graph(jnp.zeros((n_atom + 1, 3), dtype), species, node_mask, senders, receivers, edge_mask, cell)
         out = energy_and_derivatives(potential, potential.variables, graph, vectors=vectors.astype(dtype))
         result = {
             "energy": out["energy"][0],
@@ -267,6 +307,8 @@ def properties_fn(
             "virial": out["virial"][0],
             "virials": out["node_virial"][:n_atom],
         }
+        if "charges" in out:
+            result["charges"] = out["charges"][:n_atom]
         if current_box is not None:
             result["stress"] = out["stress"][0]
         return result

@@ -30,6 +30,9 @@ class Frame:
     forces: np.ndarray | None = None  # [n_atom, 3] eV/Å
     stress: np.ndarray | None = None  # [3, 3] eV/Å³, ASE sign convention
     source: str = "?"  # "file:frame" for error messages
+    charge: float = 0.0  # total charge, e (atoms.info["charge"]); used by electrostatics
+    dipole: np.ndarray | None = None  # [3] e·Å (atoms.info["dipole"]), label for molecules
+    charges: np.ndarray | None = None  # [n_atom] e (atoms.arrays["charges"]), label
 
     @property
     def n_atom(self) -> int:
@@ -37,13 +40,21 @@ class Frame:
 
     @classmethod
     def from_atoms(cls, atoms: ase.Atoms, source: str = "?") -> "Frame":
-        """An unlabelled frame (for prediction)."""
+        """An unlabelled frame (for prediction), with its total charge (atoms.info["charge"], default 0)."""
+        charge = atoms.info.get("charge", 0.0)
+        try:
+            charge = float(np.asarray(charge).reshape(()))
+        except (TypeError, ValueError):
+            raise DataError(f"{source}: total charge atoms.info['charge'] is not a single number: {charge!r}")
+        if not np.isfinite(charge):
+            raise DataError(f"{source}: total charge atoms.info['charge'] is {charge}")
         return cls(
             positions=np.asarray(atoms.positions, dtype=np.float64),
             numbers=np.asarray(atoms.numbers, dtype=np.int64),
             cell=np.asarray(atoms.cell.array, dtype=np.float64),
             pbc=np.asarray(atoms.pbc, dtype=bool),
             source=source,
+            charge=charge,
         )
 
     def to_atoms(self) -> ase.Atoms:
@@ -96,6 +107,19 @@ def frame_from_atoms(
         if forces.shape != (n, 3):
             raise DataError(f"{source}: forces '{forces_key}' have shape {forces.shape}, expected ({n}, 3)")
         frame.forces = forces
+
+    dipole = _label(atoms, "dipole", per_atom=False)
+    if dipole is not None:
+        dipole = np.asarray(dipole, dtype=np.float64).reshape(-1)
+        if dipole.shape != (3,) or not np.all(np.isfinite(dipole)):
+            raise DataError(f"{source}: dipole must be 3 finite numbers (e·Å), got {dipole.tolist()}")
+        frame.dipole = dipole
+    charges = _label(atoms, "charges", per_atom=True)
+    if charges is not None:
+        charges = np.asarray(charges, dtype=np.float64)
+        if charges.shape != (n,) or not np.all(np.isfinite(charges)):
+            raise DataError(f"{source}: charges must be {n} finite numbers (e), got shape {charges.shape}")
+        frame.charges = charges
 
     stress = _label(atoms, stress_key, per_atom=False)
     virial = _label(atoms, virial_key, per_atom=False) if stress is None else None

@@ -2,11 +2,14 @@
 
 Layout of one graph (all numpy; a batch concatenates graphs as jraph does):
     nodes   = {"positions": [n_node, 3] Å, "species": [n_node] index into the model's
-               element list, "forces": [n_node, 3] eV/Å, "mask": [n_node] bool}
+               element list, "forces": [n_node, 3] eV/Å, "charges": [n_node] e (label),
+               "mask": [n_node] bool}
     edges   = {"shifts": [n_edge, 3] integer cell shifts, "mask": [n_edge] bool}
     globals = {"cell": [n_graph, 3, 3] Å, "energy": [n_graph] eV, "mask": [n_graph] bool,
                "stress": [n_graph, 3, 3] eV/Å³, "weight_energy"/"weight_forces"/
-               "weight_stress": [n_graph] 1.0 where the label exists and counts, else 0.0}
+               "weight_stress", "weight_dipole", "weight_charges": [n_graph] 1.0 where the
+               label exists and counts, else 0.0; "charge": [n_graph] total charge e,
+               "dipole": [n_graph, 3] e·Å (label)}
     senders, receivers [n_edge]; n_node, n_edge [n_graph]
 
 Masks are True for real entries and False for padding; every energy term uses them.
@@ -34,22 +37,29 @@ def frame_to_graph(frame: Frame, cutoff: float, species_index: dict[int, int]) -
     n = frame.n_atom
     species = np.array([species_index[int(z)] for z in frame.numbers], dtype=np.int32)
     has_stress = frame.stress is not None and bool(frame.pbc.all())
+    has_dipole = frame.dipole is not None and not frame.pbc.any()  # a cell has no unique dipole
     return jraph.GraphsTuple(
         nodes={
             "positions": frame.positions.astype(np.float64),
             "species": species,
             "forces": frame.forces if frame.forces is not None else np.zeros((n, 3)),
+            "charges": frame.charges if frame.charges is not None else np.zeros(n),
             "mask": np.ones(n, dtype=bool),
         },
         edges={"shifts": shifts, "mask": np.ones(len(senders), dtype=bool)},
         globals={
-            "cell": frame.cell[None].astype(np.float64),
+            # No lattice without periodicity: terms tell molecules from cells by the volume.
+            "cell": (frame.cell if frame.pbc.any() else np.zeros((3, 3)))[None].astype(np.float64),
             "mask": np.ones(1, dtype=bool),
             "energy": np.array([frame.energy if frame.energy is not None else 0.0]),
             "stress": (frame.stress if has_stress else np.zeros((3, 3)))[None],
             "weight_energy": np.array([float(frame.energy is not None)]),
             "weight_forces": np.array([float(frame.forces is not None)]),
             "weight_stress": np.array([float(has_stress)]),
+            "charge": np.array([frame.charge]),
+            "dipole": (frame.dipole if has_dipole else np.zeros(3))[None],
+            "weight_dipole": np.array([float(has_dipole)]),
+            "weight_charges": np.array([float(frame.charges is not None)]),
         },
         senders=senders,
         receivers=receivers,

@@ -5,7 +5,10 @@ Every model is a flax module called as
     model.apply(variables, edge_vectors [n_edge, 3], species [n_node], senders [n_edge],
                 receivers [n_edge], edge_mask [n_edge] bool) → per-atom energies [n_node]
 
-(unscaled; the potential adds scale, shift, E0 and the other energy terms). Each model
+(unscaled; the potential adds scale, shift, E0 and the other energy terms). A model
+built with `num_outputs=2` (`config.num_outputs`, set by `model.long_range:
+electrostatics`) returns [n_node, 2]: the energy and a raw charge per atom, both read
+from invariant features (`mpnn.nn.ScalarReadout(hidden, num_outputs)`). Each model
 file holds its module, its config dataclass (a `mpnn.config.ModelConfig` with the
 model's own fields and its paper's defaults) and `build(config, num_species,
 avg_num_neighbors)`. Adding a model means adding a file and a line here.

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from mpnn.config import ModelConfig
 from mpnn.models.nequip import hidden_irreps
-from mpnn.nn import MessagePassing, ScalarReadout, edge_geometry, species_embedding
+from mpnn.nn import MessagePassing, NodeOutputs, ScalarReadout, edge_geometry, species_embedding
 from mpnn.nn.symmetric_contraction import SymmetricContraction
 
 
@@ -71,6 +71,7 @@ def build(config: MACEConfig, num_species: int, avg_num_neighbors: float) -> "MA
         envelope_p=config.envelope_p,
         radial_mlp=tuple(config.radial_mlp),
         readout_mlp=config.readout_mlp,
+        num_outputs=config.num_outputs,
     )
 
 
@@ -126,7 +127,7 @@ class MACE(nn.Module):
     """Per-atom energies (unscaled) from edge vectors and species.
 
     Call: (edge_vectors [n_edge, 3] Å, species [n_node] int, senders [n_edge],
-    receivers [n_edge], edge_mask [n_edge] bool) → [n_node].
+    receivers [n_edge], edge_mask [n_edge] bool) → [n_node] ([n_node, 2] with num_outputs=2).
     """
 
     num_species: int
@@ -142,6 +143,7 @@ class MACE(nn.Module):
     envelope_p: int = 5
     radial_mlp: Sequence[int] = (64, 64, 64)
     readout_mlp: int = 16
+    num_outputs: int = 1  # 2: energy and raw charge (model.long_range=electrostatics)
 
     @nn.compact
     def __call__(self, edge_vectors, species, senders, receivers, edge_mask) -> jnp.ndarray:
@@ -150,7 +152,7 @@ class MACE(nn.Module):
         )
         node_feats = species_embedding(species, self.num_species, self.num_features)
         interaction = hidden_irreps(1, self.l_max, self.parity)
-        energy = jnp.zeros(species.shape[0], dtype=edge_vectors.dtype)
+        outputs = jnp.zeros((species.shape[0], self.num_outputs), dtype=edge_vectors.dtype)
         for layer in range(self.num_layers):
             last = layer == self.num_layers - 1
             node_feats = MACELayer(
@@ -165,8 +167,8 @@ class MACE(nn.Module):
                 name=f"layer_{layer}",
             )(node_feats, species, edge_sh, edge_radial, senders, receivers)
             if last:
-                energy = energy + ScalarReadout(self.readout_mlp, name="readout")(node_feats)
+                outputs = outputs + ScalarReadout(self.readout_mlp, self.num_outputs, name="readout")(node_feats)
             else:
-                energy = energy + e3nn.flax.Linear("0e", name=f"readout_{layer}")(node_feats).array[:, 0]
-        return energy
+                outputs = outputs + e3nn.flax.Linear(f"{self.num_outputs}x0e", name=f"readout_{layer}")(node_feats).array
+        return NodeOutputs(self.num_species, name="outputs")(outputs, species)
 

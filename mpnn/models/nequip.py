@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mpnn.config import ModelConfig
-from mpnn.nn import MessagePassing, ScalarReadout, edge_geometry, species_embedding
+from mpnn.nn import MessagePassing, NodeOutputs, ScalarReadout, edge_geometry, species_embedding
 
 
 def hidden_irreps(num_features: int, l_max: int, parity: bool) -> e3nn.Irreps:
@@ -78,6 +78,7 @@ def build(config: NequIPConfig, num_species: int, avg_num_neighbors: float) -> "
         envelope_p=config.envelope_p,
         radial_mlp=tuple(config.radial_mlp),
         readout_mlp=config.readout_mlp,
+        num_outputs=config.num_outputs,
     )
 
 
@@ -109,7 +110,7 @@ class NequIP(nn.Module):
     """Per-atom energies (unscaled, eV-less) from edge vectors and species.
 
     Call: (edge_vectors [n_edge, 3] Å, species [n_node] int, senders [n_edge],
-    receivers [n_edge], edge_mask [n_edge] bool) → [n_node].
+    receivers [n_edge], edge_mask [n_edge] bool) → [n_node] ([n_node, 2] with num_outputs=2).
     """
 
     num_species: int
@@ -124,6 +125,7 @@ class NequIP(nn.Module):
     envelope_p: int = 6
     radial_mlp: Sequence[int] = (64, 64)
     readout_mlp: int = 16
+    num_outputs: int = 1  # 2: energy and raw charge (model.long_range=electrostatics)
 
     @nn.compact
     def __call__(self, edge_vectors, species, senders, receivers, edge_mask) -> jnp.ndarray:
@@ -142,5 +144,6 @@ class NequIP(nn.Module):
                 self_connection=layer > 0,
                 name=f"layer_{layer}",
             )(node_feats, species, edge_sh, edge_radial, senders, receivers)
-        return ScalarReadout(self.readout_mlp, name="readout")(node_feats)
+        outputs = ScalarReadout(self.readout_mlp, self.num_outputs, name="readout")(node_feats)
+        return NodeOutputs(self.num_species, name="outputs")(outputs, species)
 

@@ -1,7 +1,7 @@
 """Building blocks shared by the models."""
 
 from mpnn.nn.radial import bessel_basis, masked_edge_vectors, polynomial_envelope, radial_features, safe_norm
-from mpnn.nn.blocks import MessagePassing, ScalarReadout, edge_geometry, species_embedding
+from mpnn.nn.blocks import MessagePassing, NodeOutputs, ScalarReadout, edge_geometry, species_embedding
 from mpnn.nn.symmetric_contraction import SymmetricContraction
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "safe_norm",
     "MessagePassing",
     "ScalarReadout",
+    "NodeOutputs",
     "SymmetricContraction",
     "edge_geometry",
     "species_embedding",

@@ -78,12 +78,30 @@ class MessagePassing(nn.Module):
 
 
 class ScalarReadout(nn.Module):
-    """Scalars of the node features → one energy per node via a small MLP (no biases)."""
+    """Scalars of the node features → per-node outputs via a small MLP (no biases):
+    [n_node, num_outputs] (energy first, then e.g. a raw charge)."""
 
     hidden: int
+    num_outputs: int = 1
 
     @nn.compact
     def __call__(self, node_feats: e3nn.IrrepsArray) -> jnp.ndarray:
         x = e3nn.flax.Linear(f"{self.hidden}x0e")(node_feats.filter(keep="0e"))
         x = e3nn.scalar_activation(x, [jax.nn.silu])
-        return e3nn.flax.Linear("0e")(x).array[:, 0]
+        return e3nn.flax.Linear(f"{self.num_outputs}x0e")(x).array
+
+
+class NodeOutputs(nn.Module):
+    """[n_node, num_outputs] readout sums → what a model returns: [n_node] energies when
+    that is all, else [n_node, 2] (energy, raw charge). The raw charge gets a learned
+    per-element offset (an electronegativity, initialised to 0): a lone atom's features
+    are zero, so without it every isolated ion would have the same raw charge."""
+
+    num_species: int
+
+    @nn.compact
+    def __call__(self, outputs: jnp.ndarray, species: jnp.ndarray) -> jnp.ndarray:
+        if outputs.shape[1] == 1:
+            return outputs[:, 0]
+        offset = self.param("charge_offset", nn.initializers.zeros, (self.num_species,), outputs.dtype)
+        return outputs.at[:, 1].add(offset[species])

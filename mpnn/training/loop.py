@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 
 from mpnn.config import Config, save_config
 from mpnn.data.dataset import Splits, e0_from_config, label_warnings, load_splits
-from mpnn.data.frames import Frame
+from mpnn.data.frames import DataError, Frame
 from mpnn.data.graphs import fixed_batch_shape, frame_to_graph, iterate_batches
 from mpnn.data.statistics import average_num_neighbors, fit_e0, forces_rms, residual_per_atom
 from mpnn.evaluate import evaluate_graphs, format_metrics, make_error_fn
-from mpnn.potential import CountedJit, Potential, build_potential, cast_graph, energy_and_derivatives
+from mpnn.potential import CountedJit, Potential, build_potential, cast_graph, energy_and_derivatives, graph_cells
 from mpnn.saved_model import save_model
 from mpnn.training.checkpoint import Checkpointer
 from mpnn.training.loss import METRICS, loss_fn
@@ -87,7 +87,7 @@ def without_fixed_terms(potential: Potential, frames: list[Frame], graphs: list[
         return list(frames)
     # No learned term and E0 = 0: the potential's energy is its pair terms alone.
     zero = {"model": {}, "scale": np.zeros(()), "shift": np.zeros(()), "e0": np.zeros(len(potential.numbers))}
-    fixed = potential.replace(model=None, variables=zero)
+    fixed = potential.replace(model=None, variables=zero, global_terms=())
     energies, forces = [], []
     for batch in iterate_batches(graphs, 32):
         out = jax.device_get(fixed.predict_graph(batch))
@@ -109,6 +109,8 @@ def make_train_step(potential: Potential, tx: optax.GradientTransformation, conf
         "energy": config.train.energy_weight,
         "forces": config.train.forces_weight,
         "stress": config.train.stress_weight,
+        "dipole": config.train.dipole_weight,
+        "charges": config.train.charges_weight,
     }
     fixed = {k: v for k, v in potential.variables.items() if k != "model"}
     ema_decay = config.train.ema_decay
@@ -207,6 +209,13 @@ def setup(config: Config) -> Setup:
     splits = load_splits(config.data, config.train)
     for message in label_warnings(splits, config.data, config.train):
         log.warning(message)
+    if config.model.long_range:
+        for frame in [*splits.train, *splits.valid, *splits.test]:
+            if frame.pbc.any() and not frame.pbc.all():
+                raise DataError(
+                    f"{frame.source}: pbc={frame.pbc.tolist()}; model.long_range needs frames periodic in all three "
+                    "directions or none"
+                )
     numbers = splits.numbers
     species_index = {z: k for k, z in enumerate(numbers)}
     to_graphs = lambda frames: [frame_to_graph(f, config.model.cutoff, species_index) for f in frames]
@@ -223,6 +232,10 @@ def setup(config: Config) -> Setup:
         "avg neighbors %.2f",
         len(train_graphs), len(valid_graphs), len(test_graphs), numbers, np.round(e0, 4).tolist(), scale, shift, avg_neighbors,
     )
+    # Global terms size themselves (Ewald grids) for every cell they will see: one compile.
+    potential = potential.covering(graph_cells(train_graphs + valid_graphs + test_graphs))
+    if config.model.long_range:
+        log.info("long range: %s (Gaussian charges, sigma %.2f Å)", config.model.long_range, config.model.charge_sigma)
     if config.model.pair_repulsion:
         log.info("pair repulsion: %s (%.2f–%.2f Å switch)", config.model.pair_repulsion, config.model.zbl_r_inner, config.model.zbl_r_outer)
 

@@ -18,11 +18,16 @@ def residuals(pred: dict, graph: jraph.GraphsTuple) -> dict[str, tuple[jnp.ndarr
     globals_ = graph.globals
     n_atoms = jnp.maximum(graph.n_node, 1).astype(pred["energy"].dtype)
     node_weight = globals_["weight_forces"][_node_graph(graph)]
-    return {
+    out = {
         "energy": ((pred["energy"] - globals_["energy"]) / n_atoms, globals_["weight_energy"]),
         "forces": (pred["forces"] - graph.nodes["forces"], node_weight[:, None] * jnp.ones((1, 3))),
         "stress": (pred["stress"] - globals_["stress"], globals_["weight_stress"][:, None, None] * jnp.ones((1, 3, 3))),
     }
+    if "charges" in pred:  # a potential with learned charges (electrostatics)
+        charge_weight = globals_["weight_charges"][_node_graph(graph)] * graph.nodes["mask"]
+        out["dipole"] = (pred["dipole"] - globals_["dipole"], globals_["weight_dipole"][:, None] * jnp.ones((1, 3)))
+        out["charges"] = (pred["charges"] - graph.nodes["charges"], charge_weight)
+    return out
 
 
 def weighted_mse(error: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
@@ -30,9 +35,10 @@ def weighted_mse(error: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
 
 
 def loss_fn(pred: dict, graph: jraph.GraphsTuple, weights: dict[str, float]) -> jnp.ndarray:
-    """Σ_k w_k · MSE_k over energy per atom (eV/atom)², force components (eV/Å)², stress (eV/Å³)²."""
+    """Σ_k w_k · MSE_k over energy per atom (eV/atom)², force components (eV/Å)², stress
+    (eV/Å³)², and with learned charges dipole components (e·Å)² and charges e²."""
     res = residuals(pred, graph)
-    return sum(weights[k] * weighted_mse(*res[k]) for k in ("energy", "forces", "stress") if weights[k] > 0)
+    return sum(weights[k] * weighted_mse(*res[k]) for k in res if weights.get(k, 0.0) > 0)
 
 
 def error_sums(pred: dict, graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:
@@ -53,6 +59,8 @@ METRICS = {
     "forces_rmse_mev_A": ("forces", "rmse"),
     "stress_mae_mev_A3": ("stress", "mae"),
     "stress_rmse_mev_A3": ("stress", "rmse"),
+    "dipole_mae_me_A": ("dipole", "mae"),  # milli-e·Å, per component
+    "charges_mae_me": ("charges", "mae"),  # milli-e
 }
 
 
