@@ -59,6 +59,7 @@ class ModelConfig:
     # clouds of width charge_sigma (Å), free space or Ewald (mpnn/terms/electrostatics.py).
     long_range: str | None = None  # None or "electrostatics"
     charge_sigma: float = 1.0
+    electrostatics_method: str = "auto"  # periodic cells: "ewald", "pme" (large cells) or "auto"
     # Energy scaling. e0: per-element reference energies (eV) or "fit" (least squares).
     e0: dict[str, float] | str = "fit"
     scale: float | str = "forces_rms"  # number, "forces_rms" or "energy_std"
@@ -70,6 +71,8 @@ class ModelConfig:
             raise ConfigError(f"{where}.pair_repulsion: {self.pair_repulsion!r} is not one of null, zbl")
         if self.long_range not in (None, "electrostatics"):
             raise ConfigError(f"{where}.long_range: {self.long_range!r} is not one of null, electrostatics")
+        if self.electrostatics_method not in ("auto", "ewald", "pme"):
+            raise ConfigError(f"{where}.electrostatics_method: {self.electrostatics_method!r} is not one of auto, ewald, pme")
         if not self.charge_sigma > 0:
             raise ConfigError(f"{where}.charge_sigma: must be > 0 Å, got {self.charge_sigma}")
         if self.dtype not in ("float32", "float64"):

@@ -412,7 +412,7 @@ def energy_terms(model_config) -> tuple[tuple, tuple]:
     if model_config.long_range == "electrostatics":
         from mpnn.terms.electrostatics import Electrostatics
 
-        global_terms.append(Electrostatics(sigma=model_config.charge_sigma))
+        global_terms.append(Electrostatics(sigma=model_config.charge_sigma, method=model_config.electrostatics_method))
     return tuple(pair_terms), tuple(global_terms)
 
 

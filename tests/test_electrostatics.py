@@ -85,6 +85,45 @@ def test_periodic_energy_of_a_neutral_molecule_tends_to_free_space():
     assert abs(extrapolated - free) < 0.05 * abs(box[24.0] - free)
 
 
+def test_pme_agrees_with_ewald():
+    """Smooth PME (large cells) against the Ewald sum: energies, per-atom energies, forces
+    and the cell derivative (stress), triclinic cell with a net charge; padding atoms and
+    a second frame in the batch change nothing."""
+    from mpnn.terms.electrostatics import Electrostatics, mesh_size, pme_energies
+
+    rng = np.random.default_rng(2)
+    cell = np.array([[9.0, 0.3, 0.0], [1.2, 8.5, 0.4], [-0.7, 0.9, 10.0]])
+    n = 24
+    positions = np.concatenate([rng.uniform(0, 1, (n, 3)) @ cell, rng.normal(0, 5, (3, 3))])  # 3 padding atoms
+    charges = np.concatenate([rng.normal(size=n), [0.7, -0.2, 0.1]])
+    mask = np.arange(n + 3) < n
+    graph = np.where(mask, 0, 1)
+    cells = np.stack([cell, np.eye(3) * 7.0])
+    sigma = 1.0
+    term = Electrostatics(sigma=sigma).covering(cells)
+    fine_grid = k_grid_size(cells, term.eta, 1e-10)
+
+    def total(method, positions, cells):
+        args = (positions, jnp.asarray(charges), cells, jnp.asarray(mask), jnp.asarray(graph), 2, sigma, term.eta)
+        if method == "pme":
+            return pme_energies(*args, term.mesh)
+        return ewald_energies(*args, fine_grid)
+
+    grads = {}
+    for method in ("ewald", "pme"):
+        energies = total(method, jnp.asarray(positions), jnp.asarray(cells))
+        grads[method] = (energies, *jax.grad(lambda p, c: total(method, p, c).sum(), argnums=(0, 1))(jnp.asarray(positions), jnp.asarray(cells)))
+    (e_ewald, f_ewald, c_ewald), (e_pme, f_pme, c_pme) = grads["ewald"], grads["pme"]
+    assert float(e_pme.sum()) == pytest.approx(float(e_ewald.sum()), rel=2e-4)
+    assert np.abs(e_pme - e_ewald).max() < 2e-3 * np.abs(e_ewald).max()
+    assert np.abs(f_pme - f_ewald).max() < 3e-3 * np.abs(f_ewald).max()
+    assert np.abs(c_pme[0] - c_ewald[0]).max() < 3e-3 * np.abs(c_ewald[0]).max()
+    assert np.all(np.asarray(e_pme)[~mask] == 0.0) and term.mesh == mesh_size(cells, term.mesh_spacing)
+    # "auto" keeps Ewald for small cells and takes PME for large ones.
+    assert not term.uses_pme(n + 3, 2)
+    assert Electrostatics().covering(np.eye(3)[None] * 50.0).uses_pme(10000, 2)
+
+
 # --- a model with the term ---------------------------------------------------------------
 
 NUMBERS = [1, 8, 11, 17, 29]
