@@ -12,6 +12,7 @@ import argparse
 import time
 
 import jax
+import numpy as np
 
 from mpnn.config import load_config
 from mpnn.data.graphs import iterate_batches
@@ -32,11 +33,12 @@ def benchmark(config_path: str, steps: int) -> dict:
     batches = [cast_graph(b, potential.np_dtype) for b in iterate_batches(graphs, batch_size, shape=shape)]
 
     start = time.perf_counter()
-    state, loss = block(train_step(state, batches[0]))
+    lr_scale = np.ones((), potential.np_dtype)
+    state, loss, _ = block(train_step(state, batches[0], lr_scale))
     compile_train = time.perf_counter() - start
     start = time.perf_counter()
     for k in range(steps):
-        state, loss = train_step(state, batches[(k + 1) % len(batches)])
+        state, loss, _ = train_step(state, batches[(k + 1) % len(batches)], lr_scale)
     block(loss)
     step_time = (time.perf_counter() - start) / steps
 

@@ -97,8 +97,27 @@ class TrainConfig:
     eval_batch_size: int = 32
     optimizer: str = "amsgrad"  # "adam" or "amsgrad"
     lr: float = 5e-3
+    schedule: str = "cosine"  # "cosine" (decay over max_epochs) or "plateau" (see below)
     min_lr_ratio: float = 0.01  # final lr of the cosine decay, relative to lr
     warmup_epochs: float = 1.0
+    # "plateau": constant lr after warm-up, times plateau_factor whenever the validation
+    # score has not improved (by > 1e-4 relative) for plateau_patience epochs.
+    plateau_patience: int = 5
+    plateau_factor: float = 0.5
+    patience: int | None = None  # early stopping: epochs without improvement (> 1e-4 relative)
+    loss: str = "mse"  # "mse" or "huber" (quadratic below huber_delta, linear above)
+    huber_delta: float = 0.01  # in the units of each quantity (eV/atom, eV/Å, eV/Å³, e·Å, e)
+    max_bad_steps: int = 10  # non-finite loss or gradients: skip the step; stop after this many in a row
+
+    def __post_init__(self):
+        choices = {"schedule": ("cosine", "plateau"), "loss": ("mse", "huber"), "optimizer": ("adam", "amsgrad")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"train.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if not 0 < self.plateau_factor < 1:
+            raise ConfigError(f"train.plateau_factor: must be in (0, 1), got {self.plateau_factor}")
+        if self.huber_delta <= 0 or self.max_bad_steps < 1 or (self.patience is not None and self.patience < 1):
+            raise ConfigError("train.huber_delta must be > 0, train.max_bad_steps and train.patience >= 1")
     weight_decay: float = 0.0
     clip_norm: float = 10.0
     ema_decay: float = 0.99
@@ -163,6 +182,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-12 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -63,3 +63,13 @@ def test_build_potential_without_data():
 
     result = potential.predict(molecule("CH3OH"))[0]
     assert np.isfinite(result["energy"]) and result["forces"].shape == (6, 3)
+
+
+def test_numbers_without_a_dot_and_training_controls_are_checked():
+    from mpnn.config import ConfigError, load_config
+
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 0.001  # YAML 1.1 reads 1e-3 as text
+    with pytest.raises(ConfigError, match="train.schedule"):
+        load_config(None, ["train.schedule=step"])
+    with pytest.raises(ConfigError, match="train.loss"):
+        load_config(None, ["train.loss=l1"])

@@ -176,14 +176,12 @@ def test_calculator_md_compiles_few_programs(trained_run):
     assert 1 <= atoms.calc.potential.n_compiles <= 3
 
 
-def test_max_time_stops_mid_epoch_and_resume_continues(cu_file, tmp_path):
+def test_max_time_stops_mid_epoch_and_resume_continues(trained_run, cu_file, tmp_path):
     """max_time is checked after every step: max_time=0 stops after the first step, with a
-    checkpoint, model/ and results; resuming finishes the run exactly as an uninterrupted one."""
-    settings = {"train.max_epochs": 2}
-    straight = tmp_path / "straight"
-    save_config(tiny_train_config(cu_file, straight, **settings), tmp_path / "straight.yaml")
-    run_train(tmp_path / "straight.yaml")
-
+    checkpoint, model/ and results; resuming finishes the run exactly as the uninterrupted
+    one (the module's trained run, same config but for max_time)."""
+    settings = {"train.max_epochs": EPOCHS}
+    straight = trained_run
     stopped = tmp_path / "stopped"
     save_config(tiny_train_config(cu_file, stopped, **settings, **{"train.max_time": 0.0}), tmp_path / "stopped.yaml")
     result = run_train(tmp_path / "stopped.yaml")
@@ -194,7 +192,70 @@ def test_max_time_stops_mid_epoch_and_resume_continues(cu_file, tmp_path):
 
     run_train(stopped / "config.yaml", "--resume", "train.max_time=null")
     a, b = read_metrics(straight), read_metrics(stopped)
-    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == ["0", "1", "2"]
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == [str(k) for k in range(EPOCHS + 1)]
     for x, y in zip(a[1:], b[1:]):
         assert float(x["valid_forces_mae_mev_A"]) == pytest.approx(float(y["valid_forces_mae_mev_A"]), rel=1e-6)
         assert int(x["step"]) == int(y["step"])
+
+
+# --- training controls -------------------------------------------------------------------
+
+
+def test_non_finite_steps_are_skipped_and_repeated_ones_stop_the_run(cu_file, tmp_path):
+    import jax
+
+    from mpnn.data.graphs import iterate_batches
+    from mpnn.potential import cast_graph
+    from mpnn.training.loop import _check_bad_steps, setup
+
+    s = setup(tiny_train_config(cu_file, tmp_path / "run"))
+    batch = cast_graph(next(iterate_batches(s.train_graphs, 4, shape=s.train_shape)), s.potential.np_dtype)
+    broken = jax.tree_util.tree_map(np.copy, batch)
+    broken.nodes["positions"][0, 0] = np.nan
+    one = np.ones((), s.potential.np_dtype)
+    before = jax.tree_util.tree_map(np.asarray, s.state)
+    state, loss, ok = s.train_step(s.state, broken, one)
+    assert not bool(ok) and not np.isfinite(float(loss))
+    # Nothing moved (parameters, optimiser state, EMA), only the step count.
+    for a, b in zip(jax.tree_util.tree_leaves(before.params), jax.tree_util.tree_leaves(state.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    for a, b in zip(jax.tree_util.tree_leaves(before.opt_state), jax.tree_util.tree_leaves(state.opt_state)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert int(state.step) == int(before.step) + 1
+    state, loss, ok = s.train_step(state, batch, one)
+    assert bool(ok) and np.isfinite(float(loss))
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree_util.tree_leaves(before.params), jax.tree_util.tree_leaves(state.params)))
+    _check_bad_steps([True] + [False] * 9, epoch=1, max_bad=10)  # 9 in a row: go on
+    with pytest.raises(FloatingPointError, match="10 consecutive steps"):
+        _check_bad_steps([True] + [False] * 10, epoch=1, max_bad=10)
+
+
+def test_plateau_schedule_and_early_stopping(cu_file, tmp_path):
+    """With a learning rate too small to change anything, validation never improves: the
+    plateau schedule halves the rate every epoch after the first stale one, and patience 3
+    stops the run after epoch 4 of 20. (Huber loss on, to run that path too.)"""
+    from mpnn.training.loop import train
+
+    overrides = {
+        "train.lr": 1e-12, "train.max_epochs": 20, "train.schedule": "plateau", "train.plateau_patience": 1,
+        "train.patience": 3, "train.loss": "huber", "train.warmup_epochs": 0.0,
+    }
+    results = train(tiny_train_config(cu_file, tmp_path / "run", **overrides))
+    rows = read_metrics(tmp_path / "run")
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3, 4] and results["epochs"] == 4
+    lr = [float(r["lr"]) for r in rows[1:]]
+    assert lr[0] == lr[1] == pytest.approx(1e-12) and lr[2] == pytest.approx(lr[1] / 2) and lr[3] == pytest.approx(lr[2] / 2)
+
+
+def test_huber_loss_is_quadratic_inside_delta_and_linear_outside():
+    import jax
+    import jax.numpy as jnp
+
+    from mpnn.training.loss import weighted_huber, weighted_mse
+
+    small = jnp.array([0.001, -0.004, 0.009])
+    weight = jnp.array([1.0, 2.0, 0.0])
+    assert float(weighted_huber(small, weight, 0.01)) == pytest.approx(float(weighted_mse(small, weight)))
+    slope = jax.grad(lambda e: weighted_huber(e, jnp.ones(1), 0.01))
+    assert float(slope(jnp.array([5.0]))[0]) == pytest.approx(0.02)  # 2δ: an outlier pulls no harder than δ
+    assert float(weighted_huber(jnp.array([1.0]), jnp.ones(1), 0.01)) == pytest.approx(2 * 0.01 - 0.01**2)

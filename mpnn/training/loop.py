@@ -114,19 +114,28 @@ def make_train_step(potential: Potential, tx: optax.GradientTransformation, conf
     }
     fixed = {k: v for k, v in potential.variables.items() if k != "model"}
     ema_decay = config.train.ema_decay
+    huber_delta = config.train.huber_delta if config.train.loss == "huber" else None
 
-    def train_step(state: TrainState, graph):
+    def train_step(state: TrainState, graph, lr_scale):
+        """(state, padded batch, lr multiplier) → (new state, loss, finite). A step whose
+        loss or gradients are not finite changes nothing but the step count."""
+
         def loss_of(params):
             pred = energy_and_derivatives(potential, {**fixed, "model": params}, graph)
-            return loss_fn(pred, graph, weights)
+            return loss_fn(pred, graph, weights, huber_delta)
 
         loss, grads = jax.value_and_grad(loss_of)(state.params)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+        grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)  # keep NaN out of the optimiser
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates = jax.tree_util.tree_map(lambda u: u * lr_scale.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         # Warm-up of the EMA decay so early averages are not dominated by the initialisation.
         decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step)).astype(loss.dtype)
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema, params)
-        return state.replace(params=params, opt_state=opt_state, ema=ema, step=state.step + 1), loss
+        new = state.replace(params=params, opt_state=opt_state, ema=ema)
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
+        return new.replace(step=state.step + 1), loss, finite
 
     return CountedJit(train_step, donate_argnums=0)
 
@@ -274,12 +283,17 @@ def train(config: Config) -> dict:
     log.info("model %s: %d parameters", config.model.name, s.n_parameters)
     state = s.state
     # epoch: last completed epoch; batches_done: steps already taken in epoch + 1 (a stop mid-epoch)
-    meta = {"epoch": 0, "batches_done": 0, "elapsed": 0.0, "best_valid": None, "best_epoch": None}
+    meta = {
+        "epoch": 0, "batches_done": 0, "elapsed": 0.0, "best_valid": None, "best_epoch": None,
+        # plateau schedule and early stopping: lr multiplier, last significant best, epochs since
+        "lr_scale": 1.0, "plateau_best": None, "stale_epochs": 0, "plateau_epochs": 0, "skipped_steps": 0,
+    }
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
     if config.run.resume and checkpointer.latest_step() is not None:
+        defaults = dict(meta)
         state, meta = checkpointer.restore(checkpointer.latest_step(), state)
-        meta.setdefault("batches_done", 0)
+        meta = {**defaults, **meta}  # checkpoints of older versions lack the newer keys
         _truncate_metrics(run_dir / "metrics.csv", meta["epoch"])
         # model/ may be ahead of the checkpoint (killed between the two writes): make them agree.
         save_model(s.with_params(state.best), run_dir / "model")
@@ -315,21 +329,29 @@ def train(config: Config) -> dict:
             s.train_graphs, batch_size, shuffle=True, seed=config.seed * 100_003 + epoch, shape=s.train_shape, start=skip
         )
         bar = tqdm(batches, total=s.steps_per_epoch - skip, desc=f"epoch {epoch}", disable=not config.train.progress, leave=False)
-        losses = []
+        losses, finite = [], []
+        lr_scale = jnp.asarray(meta["lr_scale"], dtype)
         for batch in bar:
-            state, loss = s.train_step(state, cast_graph(batch, dtype))
+            state, loss, ok = s.train_step(state, cast_graph(batch, dtype), lr_scale)
             losses.append(loss)
+            finite.append(ok)
             if len(losses) % 10 == 0:
-                bar.set_postfix(loss=f"{float(np.mean(jax.device_get(losses[-10:]))):.4g}")
+                _check_bad_steps(finite, epoch, config.train.max_bad_steps)
+                good = [x for x, y in zip(jax.device_get(losses[-10:]), jax.device_get(finite[-10:])) if y]
+                bar.set_postfix(loss=f"{np.mean(good) if good else float('nan'):.4g}")
             if max_time is not None and time.perf_counter() - start_time >= max_time:
                 out_of_time = True
                 break
         bar.close()
+        _check_bad_steps(finite, epoch, config.train.max_bad_steps)
         batches_done = skip + len(losses)
         finished = batches_done >= s.steps_per_epoch
-        train_loss = float(np.mean(jax.device_get(losses))) if losses else float("nan")
-        if losses and not np.isfinite(train_loss):
-            raise FloatingPointError(f"epoch {epoch}: training loss is {train_loss}; lower train.lr or check the data")
+        finite = np.asarray(jax.device_get(finite), bool)
+        good_losses = np.asarray(jax.device_get(losses))[finite] if losses else np.zeros(0)
+        train_loss = float(np.mean(good_losses)) if len(good_losses) else float("nan")
+        if (~finite).any():
+            meta["skipped_steps"] += int((~finite).sum())
+            log.warning("epoch %d: skipped %d steps with a non-finite loss or gradients", epoch, int((~finite).sum()))
         train_time = time.perf_counter() - epoch_start
 
         valid_metrics = s.evaluate(eval_graphs, {**s.potential.variables, "model": state.ema})
@@ -338,13 +360,14 @@ def train(config: Config) -> dict:
         if improved:
             state = state.replace(best=jax.tree_util.tree_map(jnp.copy, state.ema))
             meta.update(best_valid=score, best_epoch=epoch)
+        stop_early = _plateau_and_patience(meta, score, config)
         meta.update(
             epoch=epoch if finished else epoch - 1,
             batches_done=0 if finished else batches_done,
             elapsed=time.perf_counter() - start_time,
         )
         row = _metrics_row(
-            epoch, int(state.step), meta["elapsed"], train_time, float(s.schedule(int(state.step))), train_loss,
+            epoch, int(state.step), meta["elapsed"], train_time, float(s.schedule(int(state.step))) * float(lr_scale), train_loss,
             valid_metrics, s.n_compiles - compiles_before,
         )
         _append_metrics(run_dir / "metrics.csv", row)
@@ -356,10 +379,14 @@ def train(config: Config) -> dict:
         # parameters resume re-saves into model/.
         if improved:
             save_model(s.with_params(state.best), run_dir / "model")
-        if not finished or epoch % config.train.checkpoint_every == 0 or epoch == config.train.max_epochs or out_of_time:
+        last = epoch == config.train.max_epochs or out_of_time or stop_early
+        if not finished or epoch % config.train.checkpoint_every == 0 or last:
             checkpointer.save(int(state.step), state, meta)
         if out_of_time:
             log.info("stopping: train.max_time=%.0f s reached in epoch %d", max_time, epoch)
+        if stop_early:
+            log.info("stopping early: no validation improvement for %d epochs (train.patience)", meta["stale_epochs"])
+            break
     checkpointer.close()
 
     # --- final evaluation with the best EMA parameters ---------------------------------
@@ -376,6 +403,33 @@ def train(config: Config) -> dict:
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _check_bad_steps(finite: list, epoch: int, max_bad: int) -> None:
+    """Stop with a clear message after `max_bad` consecutive skipped (non-finite) steps."""
+    recent = np.asarray(jax.device_get(finite[-max_bad:]), bool)
+    if len(recent) >= max_bad and not recent.any():
+        raise FloatingPointError(
+            f"epoch {epoch}: {max_bad} consecutive steps had a non-finite loss or gradients (each was skipped; "
+            "train.max_bad_steps); lower train.lr, raise train.clip_norm's strictness or check the data"
+        )
+
+
+def _plateau_and_patience(meta: dict, score: float, config: Config) -> bool:
+    """After an epoch's validation: count epochs without a significant (> 1e-4 relative)
+    improvement, reduce the lr multiplier on a plateau (schedule "plateau"), and say
+    whether to stop early (train.patience)."""
+    train = config.train
+    if meta["plateau_best"] is None or score < meta["plateau_best"] * (1 - 1e-4):
+        meta.update(plateau_best=score, stale_epochs=0, plateau_epochs=0)
+    else:
+        meta["stale_epochs"] += 1
+        meta["plateau_epochs"] += 1
+    if train.schedule == "plateau" and meta["plateau_epochs"] >= train.plateau_patience:
+        meta["lr_scale"] *= train.plateau_factor
+        meta["plateau_epochs"] = 0
+        log.info("validation plateau: learning rate × %g (now × %.3g of the schedule)", train.plateau_factor, meta["lr_scale"])
+    return train.patience is not None and meta["stale_epochs"] >= train.patience
 
 
 def _metrics_row(epoch, step, elapsed, train_time, lr, train_loss, valid_metrics, n_compiles) -> dict:

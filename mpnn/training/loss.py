@@ -34,11 +34,22 @@ def weighted_mse(error: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
     return jnp.sum(weight * error**2) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def loss_fn(pred: dict, graph: jraph.GraphsTuple, weights: dict[str, float]) -> jnp.ndarray:
+def weighted_huber(error: jnp.ndarray, weight: jnp.ndarray, delta: float) -> jnp.ndarray:
+    """Like `weighted_mse` below |error| = delta (e²), linear above (2δ|e| − δ²): outliers
+    pull less."""
+    abs_error = jnp.abs(error)
+    huber = jnp.where(abs_error <= delta, error**2, 2 * delta * abs_error - delta**2)
+    return jnp.sum(weight * huber) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def loss_fn(pred: dict, graph: jraph.GraphsTuple, weights: dict[str, float], huber_delta: float | None = None) -> jnp.ndarray:
     """Σ_k w_k · MSE_k over energy per atom (eV/atom)², force components (eV/Å)², stress
-    (eV/Å³)², and with learned charges dipole components (e·Å)² and charges e²."""
+    (eV/Å³)², and with learned charges dipole components (e·Å)² and charges e²; with
+    `huber_delta` the Huber form of each (`weighted_huber`)."""
     res = residuals(pred, graph)
-    return sum(weights[k] * weighted_mse(*res[k]) for k in res if weights.get(k, 0.0) > 0)
+    if huber_delta is None:
+        return sum(weights[k] * weighted_mse(*res[k]) for k in res if weights.get(k, 0.0) > 0)
+    return sum(weights[k] * weighted_huber(*res[k], huber_delta) for k in res if weights.get(k, 0.0) > 0)
 
 
 def error_sums(pred: dict, graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:

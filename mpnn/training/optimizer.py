@@ -1,4 +1,5 @@
-"""Optimiser: gradient clipping → Adam/AMSGrad with linear warm-up and cosine decay."""
+"""Optimiser: gradient clipping → Adam/AMSGrad with linear warm-up and cosine decay (or a
+constant rate that the loop reduces on plateaus)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from mpnn.config import TrainConfig
 
 
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """Linear warm-up, then cosine decay to min_lr_ratio·lr over max_epochs ("cosine"), or
+    constant ("plateau": the training loop scales it down when validation stalls)."""
     total = max(config.max_epochs * steps_per_epoch, 1)
     warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+    if config.schedule == "plateau":
+        return optax.warmup_constant_schedule(config.lr * 0.01 if warmup > 0 else config.lr, config.lr, warmup)
     return optax.warmup_cosine_decay_schedule(
         init_value=config.lr * 0.01 if warmup > 0 else config.lr,
         peak_value=config.lr,
