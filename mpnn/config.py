@@ -108,6 +108,11 @@ class TrainConfig:
     loss: str = "mse"  # "mse" or "huber" (quadratic below huber_delta, linear above)
     huber_delta: float = 0.01  # in the units of each quantity (eV/atom, eV/Å, eV/Å³, e·Å, e)
     max_bad_steps: int = 10  # non-finite loss or gradients: skip the step; stop after this many in a row
+    # Fine-tuning: start from a saved model (its model section, elements and parameters);
+    # E0 is refitted per model.e0 for the elements in the new data; freeze lists
+    # parameter-path prefixes that stay fixed (e.g. ["embedding", "layer_0"]).
+    init_from: str | None = None
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
         choices = {"schedule": ("cosine", "plateau"), "loss": ("mse", "huber"), "optimizer": ("adam", "amsgrad")}

@@ -96,7 +96,9 @@ DEFAULT_MAX_CELL = 30.0  # Å, longest lattice vector an electrostatics export s
 
 def has_charges(potential: Potential) -> bool:
     """Whether the potential predicts charges (model.long_range=electrostatics)."""
-    return bool(potential.config and getattr(potential.config.model, "long_range", None))
+    from mpnn.terms.electrostatics import Electrostatics
+
+    return any(isinstance(term, Electrostatics) for term in potential.global_terms)
 
 
 def single_graph_fn(potential: Potential):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import ase.io
+import jax
 import numpy as np
 import pytest
 import yaml
@@ -259,3 +260,40 @@ def test_huber_loss_is_quadratic_inside_delta_and_linear_outside():
     slope = jax.grad(lambda e: weighted_huber(e, jnp.ones(1), 0.01))
     assert float(slope(jnp.array([5.0]))[0]) == pytest.approx(0.02)  # 2δ: an outlier pulls no harder than δ
     assert float(weighted_huber(jnp.array([1.0]), jnp.ones(1), 0.01)) == pytest.approx(2 * 0.01 - 0.01**2)
+
+
+def test_fine_tuning_from_a_saved_model(trained_run, cu_file, tmp_path):
+    """train.init_from: the saved model's architecture, elements and parameters; frozen
+    parts stay exactly as saved, the rest trains; unknown elements and freeze prefixes
+    are refused before anything compiles."""
+    import ase
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from mpnn.data.frames import DataError
+    from mpnn.training.loop import setup, train
+
+    base = mpnn.load(trained_run / "model")
+    overrides = {
+        "train.init_from": str(trained_run / "model"), "train.freeze": ["embedding", "layer_0"],
+        "train.max_epochs": 2, "model.num_features": 8,  # the saved model's section wins
+    }
+    results = train(tiny_train_config(cu_file, tmp_path / "tuned", **overrides))
+    assert np.isfinite(results["test"]["forces_mae_mev_A"])
+    tuned = mpnn.load(tmp_path / "tuned" / "model")
+    assert tuned.config.model.num_features == base.config.model.num_features
+    old, new = base.variables["model"], tuned.variables["model"]
+    for name in ("embedding", "layer_0"):
+        for a, b in zip(jax.tree_util.tree_leaves(old[name]), jax.tree_util.tree_leaves(new[name])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree_util.tree_leaves(old["readout"]), jax.tree_util.tree_leaves(new["readout"]))
+    )
+
+    hydrogen = ase.Atoms("CuH", positions=[[0, 0, 0], [1.6, 0, 0]])
+    hydrogen.calc = SinglePointCalculator(hydrogen, energy=-1.0, forces=np.zeros((2, 3)))
+    ase.io.write(tmp_path / "with_h.xyz", [hydrogen] * 8)
+    with pytest.raises(DataError, match="not known to the model"):
+        setup(tiny_train_config(str(tmp_path / "with_h.xyz"), tmp_path / "h", **{"train.init_from": str(trained_run / "model")}))
+    with pytest.raises(ValueError, match="match no parameter"):
+        setup(tiny_train_config(cu_file, tmp_path / "x", **{"train.init_from": str(trained_run / "model"), "train.freeze": ["layer_9"]}))

@@ -214,8 +214,24 @@ class Setup:
 
 
 def setup(config: Config) -> Setup:
-    """Data (read, validated, split, graphs), statistics, potential, optimiser and state."""
-    splits = load_splits(config.data, config.train)
+    """Data (read, validated, split, graphs), statistics, potential, optimiser and state.
+
+    With train.init_from (fine-tuning) the saved model brings its model section, its
+    elements (frames with other elements are refused: the model has no embedding for
+    them), its parameters, scale and neighbor normalisation; E0 is refitted per
+    model.e0 for the elements the new data contains, the saved E0 kept for the others.
+    """
+    base = None
+    if config.train.init_from:
+        from mpnn.saved_model import load_model
+
+        base = load_model(config.train.init_from, dtype=config.model.dtype)
+        saved_model = dataclasses.replace(base.config.model, dtype=config.model.dtype)
+        if saved_model != config.model:
+            log.warning("train.init_from: the model section of this config is replaced by the saved model's")
+        config = dataclasses.replace(config, model=saved_model)
+        log.info("fine-tuning from %s (%s, elements %s)", config.train.init_from, config.model.name, list(base.numbers))
+    splits = load_splits(config.data, config.train, known_numbers=list(base.numbers) if base else None)
     for message in label_warnings(splits, config.data, config.train):
         log.warning(message)
     if config.model.long_range:
@@ -225,14 +241,22 @@ def setup(config: Config) -> Setup:
                     f"{frame.source}: pbc={frame.pbc.tolist()}; model.long_range needs frames periodic in all three "
                     "directions or none"
                 )
-    numbers = splits.numbers
+    numbers = list(base.numbers) if base else splits.numbers
     species_index = {z: k for k, z in enumerate(numbers)}
     to_graphs = lambda frames: [frame_to_graph(f, config.model.cutoff, species_index) for f in frames]
     train_graphs, valid_graphs, test_graphs = to_graphs(splits.train), to_graphs(splits.valid), to_graphs(splits.test)
-    avg_neighbors = average_num_neighbors(train_graphs)
-    potential = build_potential(config.model, numbers, avg_neighbors, seed=config.seed, config=config)
+    if base:
+        potential = base.replace(config=config)
+        avg_neighbors = float(base.model.avg_num_neighbors)
+    else:
+        avg_neighbors = average_num_neighbors(train_graphs)
+        potential = build_potential(config.model, numbers, avg_neighbors, seed=config.seed, config=config)
     # The learned term fits what the fixed terms (ZBL) leave: its statistics come from that.
     e0, scale, shift = energy_scaling(config, without_fixed_terms(potential, splits.train, train_graphs), numbers)
+    if base:  # keep what the parameters were trained with; E0 only for elements seen now
+        seen = set(splits.numbers)
+        e0 = np.where([z in seen for z in numbers], e0, np.asarray(base.variables["e0"]))
+        scale = float(base.variables["scale"])
     potential = potential.replace(
         variables={**potential.variables, "e0": jnp.asarray(e0), "scale": jnp.asarray(scale), "shift": jnp.asarray(shift)}
     )
@@ -250,8 +274,8 @@ def setup(config: Config) -> Setup:
 
     batch_size = config.train.batch_size
     steps_per_epoch = -(-len(train_graphs) // batch_size)
-    tx = make_optimizer(config.train, steps_per_epoch)
     params = potential.variables["model"]
+    tx = make_optimizer(config.train, steps_per_epoch, params)
     state = TrainState(params, tx.init(params), params, params, jnp.array(0))
     state = jax.tree_util.tree_map(jnp.array, state)  # own copies: the step donates its input
     return Setup(
@@ -280,6 +304,7 @@ def train(config: Config) -> dict:
     run_dir = _prepare_run_dir(config)
     save_config(config, run_dir / "config.yaml")
     s = setup(config)
+    config = s.config  # fine-tuning takes the saved model's model section
     log.info("model %s: %d parameters", config.model.name, s.n_parameters)
     state = s.state
     # epoch: last completed epoch; batches_done: steps already taken in epoch + 1 (a stop mid-epoch)

@@ -3,6 +3,9 @@ constant rate that the loop reduces on plateaus)."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import optax
 
 from mpnn.config import TrainConfig
@@ -24,7 +27,28 @@ def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.S
     )
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+def frozen_labels(params, prefixes) -> dict:
+    """"frozen"/"trained" per parameter leaf: frozen where its path ("layer_0/linear_up/w")
+    starts with one of `prefixes`. Unknown prefixes are an error listing the top level."""
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if any(_path(path).startswith(p) for p in prefixes) else "trained", params
+    )
+    paths = [_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    unknown = [p for p in prefixes if not any(x.startswith(p) for x in paths)]
+    if unknown:
+        raise ValueError(f"train.freeze: {unknown} match no parameter; top level: {sorted(params)}")
+    return labels
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int, params=None) -> optax.GradientTransformation:
+    """The optimiser; with train.freeze (and `params` to label), frozen leaves get no update."""
+    if config.freeze:
+        inner = make_optimizer(dataclasses.replace(config, freeze=()), steps_per_epoch)
+        return optax.multi_transform({"trained": inner, "frozen": optax.set_to_zero()}, frozen_labels(params, config.freeze))
     schedule = learning_rate_schedule(config, steps_per_epoch)
     if config.optimizer == "adam":
         scale = optax.scale_by_adam()
