@@ -5,7 +5,7 @@
       + Σ_k E_k(positions, cell, per-atom outputs) global terms (electrostatics of learned charges)
 
 This module is the one place that formula lives: training, evaluation, the ASE
-calculator, jax-md and export all call `local_energies` / `energy_and_derivatives`.
+calculator, jax-md and export all call `graph_energies` / `energy_and_derivatives`.
 
 Derivatives come from one backward pass. Local and pair terms are functions of the edge
 vectors v_e = r[recv] − r[send] + shift_e·cell; with g_e = ∂E/∂v_e
@@ -185,16 +185,13 @@ class Potential:
 
     # --- the energy -------------------------------------------------------------------
 
-    def local_energies(self, variables, vectors, species, senders, receivers, node_mask, edge_mask):
-        """Per-atom energies (eV) of the local model and the pair terms, [n_node]; 0 on padding.
+    def local_terms(self, variables, vectors, species, senders, receivers, node_mask, edge_mask):
+        """(per-atom energies [n_node] eV of the local model and the pair terms, 0 on
+        padding; per-atom model outputs for the global terms: {"charge": raw charges
+        [n_node] e} when the model predicts them).
 
         vectors [n_edge, 3] Å; species [n_node]; senders, receivers [n_edge]; masks bool.
         """
-        return self.local_terms(variables, vectors, species, senders, receivers, node_mask, edge_mask)[0]
-
-    def local_terms(self, variables, vectors, species, senders, receivers, node_mask, edge_mask):
-        """(per-atom energies [n_node] eV as `local_energies`, per-atom model outputs for
-        the global terms: {"charge": raw charges [n_node] e} when the model predicts them)."""
         energy = variables["shift"] + variables["e0"][species]
         outputs = {}
         if self.model is not None:

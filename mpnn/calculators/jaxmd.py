@@ -226,13 +226,8 @@ def energy_fn(
         if R.shape[0] != n_atom:
             raise ValueError(f"energy_fn was built for {n_atom} atoms, got positions of shape {R.shape}")
         vectors, senders, receivers, edge_mask = _edges(displacement_fn, R, neighbor, kwargs, fractional_coordinates)
-        if not potential.global_terms:
-            node_energy = potential.local_energies(
-                potential.variables, vectors.astype(dtype), species, senders, receivers, node_mask, edge_mask
-            )[:n_atom]
-        else:
-            graph = _global_graph(R, kwargs, box, fractional_coordinates, species, node_mask, senders, receivers, edge_mask, total_charge, dtype)
-            node_energy = graph_energies(potential, potential.variables, graph, vectors.astype(dtype))[1][:n_atom]
+        graph = _graph(R, kwargs, box, fractional_coordinates, species, node_mask, senders, receivers, edge_mask, total_charge, dtype)
+        node_energy = graph_energies(potential, potential.variables, graph, vectors.astype(dtype))[1][:n_atom]
         return node_energy if per_atom else jnp.sum(node_energy)
 
     return energy
@@ -246,9 +241,10 @@ def _covering(potential: Potential, box) -> Potential:
     return potential.covering(cell[None], margin=1.2)
 
 
-def _global_graph(R, kwargs, box, fractional, species, node_mask, senders, receivers, edge_mask, total_charge, dtype):
-    """The one-structure graph global terms need: real positions and the cell (rows =
-    lattice vectors), both carried through jax-md's `perturbation` (stress)."""
+def _graph(R, kwargs, box, fractional, species, node_mask, senders, receivers, edge_mask, total_charge, dtype):
+    """The one-structure graph around jax-md's edges: real positions and the cell (rows =
+    lattice vectors), both carried through jax-md's `perturbation` (stress), which global
+    terms need; the local terms use the displacement vectors passed beside it."""
     current_box = kwargs.get("box", box)
     if current_box is None:
         positions, cell = R, jnp.zeros((3, 3), R.dtype)
@@ -294,11 +290,7 @@ def properties_fn(
     def props(R, neighbor=None, **kwargs):
         vectors, senders, receivers, edge_mask = _edges(displacement_fn, R, neighbor, kwargs, fractional_coordinates)
         current_box = kwargs.get("box", box)
-        if potential.global_terms:
-            graph = _global_graph(R, kwargs, box, fractional_coordinates, species, node_mask, senders, receivers, edge_mask, total_charge, dtype)
-        else:  # the edge vectors come from jax-md: positions and shifts are not needed
-            cell = jnp.zeros((3, 3), dtype) if current_box is None else box_matrix(current_box).T.astype(dtype)
-            graph = one_graph(jnp.zeros((n_atom + 1, 3), dtype), species, node_mask, senders, receivers, edge_mask, cell)
+        graph = _graph(R, kwargs, box, fractional_coordinates, species, node_mask, senders, receivers, edge_mask, total_charge, dtype)
         out = energy_and_derivatives(potential, potential.variables, graph, vectors=vectors.astype(dtype))
         result = {
             "energy": out["energy"][0],

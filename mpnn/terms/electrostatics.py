@@ -115,6 +115,23 @@ def _half_space_grid(n: tuple[int, int, int]) -> np.ndarray:
     return m[first_nonzero > 0]
 
 
+def _cell_geometry(cell):
+    """(volume [G] with 1 where a frame has no cell, fractional matrix inv(cell) [G, 3, 3]
+    with the identity there): what both periodic sums need, safe on molecules' zero cells."""
+    volume = jnp.abs(jnp.linalg.det(cell))
+    periodic = volume > 0
+    eye = jnp.eye(3, dtype=cell.dtype)
+    return jnp.where(periodic, volume, 1.0), jnp.linalg.inv(jnp.where(periodic[:, None, None], cell, eye))
+
+
+def _self_and_background(q, node_graph, n_graph: int, sigma: float, eta: float, volume):
+    """Per-atom share of the self term and of the neutralising background (module docstring)."""
+    total = jax.ops.segment_sum(q, node_graph, n_graph)
+    self_energy = 0.5 * COULOMB * q**2 * math.sqrt(2.0 / math.pi) / eta
+    background = COULOMB * math.pi * (eta**2 - 2.0 * sigma**2) * q * (total / volume)[node_graph]
+    return -self_energy - background
+
+
 def ewald_energies(
     positions,
     charges,
@@ -149,10 +166,7 @@ def ewald_energies(
     n_chunks = -(-len(m) // chunk)
     m = np.concatenate([m, np.zeros((n_chunks * chunk - len(m), 3), m.dtype)])  # m = 0 rows weigh 0
     m_chunks = jnp.asarray(m.reshape(n_chunks, chunk, 3), dtype)
-    volume = jnp.abs(jnp.linalg.det(cell))  # [G]
-    periodic = volume > 0
-    safe_volume = jnp.where(periodic, volume, 1.0)
-    inverse = jnp.linalg.inv(jnp.where(periodic[:, None, None], cell, jnp.eye(3, dtype=dtype)))
+    safe_volume, inverse = _cell_geometry(cell)
     reciprocal = 2 * jnp.pi * inverse.swapaxes(1, 2)  # k = m · B
     fractional = jnp.einsum("ni,nij->nj", positions, inverse[node_graph])  # r = s · cell
     # Frame membership as a matrix: sums over a frame's atoms and broadcasts back are
@@ -173,11 +187,7 @@ def ewald_energies(
         return potential + jnp.sum(share, axis=1), None
 
     potential, _ = jax.lax.scan(add_chunk, jnp.zeros_like(q), m_chunks)
-    energy = COULOMB * q * potential
-    energy = energy - 0.5 * COULOMB * q**2 * math.sqrt(2.0 / math.pi) / eta
-    total = jax.ops.segment_sum(q, node_graph, n_graph)
-    background = -COULOMB * math.pi * (eta**2 - 2.0 * sigma**2) * total / safe_volume
-    energy = energy + q * background[node_graph]
+    energy = COULOMB * q * potential + _self_and_background(q, node_graph, n_graph, sigma, eta, safe_volume)
     if pairs is not None:
         senders, receivers, vectors, pair_mask = pairs
         r = jnp.sqrt(jnp.where(pair_mask, jnp.sum(vectors**2, axis=-1), 1.0))
@@ -223,10 +233,7 @@ def pme_energies(
     dtype = positions.dtype
     q = jnp.where(node_mask, charges, 0.0)
     sizes = np.array(mesh)
-    volume = jnp.abs(jnp.linalg.det(cell))
-    periodic = volume > 0
-    safe_volume = jnp.where(periodic, volume, 1.0)
-    inverse = jnp.linalg.inv(jnp.where(periodic[:, None, None], cell, jnp.eye(3, dtype=dtype)))
+    safe_volume, inverse = _cell_geometry(cell)
     scaled = jnp.einsum("ni,nij->nj", positions, inverse[node_graph]) * sizes  # u = s · M
     base = jnp.floor(scaled)
     weights = _cubic_bspline_weights(scaled - base)  # [N, 3, 4]
@@ -252,10 +259,7 @@ def pme_energies(
     kernel = kernel * jnp.asarray(bspline, dtype) / safe_volume[:, None, None, None]
     potential_grid = jnp.fft.irfftn(kernel * jnp.fft.rfftn(grid, axes=(1, 2, 3)), s=mesh, axes=(1, 2, 3)) * int(np.prod(sizes))
     potential = jnp.sum(potential_grid.reshape(-1)[flat] * stencil, axis=1)  # [N]
-    energy = 0.5 * COULOMB * q * potential
-    energy = energy - 0.5 * COULOMB * q**2 * math.sqrt(2.0 / math.pi) / eta
-    total = jax.ops.segment_sum(q, node_graph, n_graph)
-    energy = energy - COULOMB * math.pi * (eta**2 - 2.0 * sigma**2) * q * (total / safe_volume)[node_graph]
+    energy = 0.5 * COULOMB * q * potential + _self_and_background(q, node_graph, n_graph, sigma, eta, safe_volume)
     return jnp.where(node_mask, energy, 0.0)
 
 

@@ -126,7 +126,6 @@ def make_train_step(potential: Potential, tx: optax.GradientTransformation, conf
 
         loss, grads = jax.value_and_grad(loss_of)(state.params)
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
-        grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)  # keep NaN out of the optimiser
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         updates = jax.tree_util.tree_map(lambda u: u * lr_scale.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
@@ -134,7 +133,7 @@ def make_train_step(potential: Potential, tx: optax.GradientTransformation, conf
         decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step)).astype(loss.dtype)
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema, params)
         new = state.replace(params=params, opt_state=opt_state, ema=ema)
-        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)  # a bad step: keep the old state
         return new.replace(step=state.step + 1), loss, finite
 
     return CountedJit(train_step, donate_argnums=0)
@@ -362,8 +361,8 @@ def train(config: Config) -> dict:
             finite.append(ok)
             if len(losses) % 10 == 0:
                 _check_bad_steps(finite, epoch, config.train.max_bad_steps)
-                good = [x for x, y in zip(jax.device_get(losses[-10:]), jax.device_get(finite[-10:])) if y]
-                bar.set_postfix(loss=f"{np.mean(good) if good else float('nan'):.4g}")
+                recent, ok_recent = jax.device_get((losses[-10:], finite[-10:]))
+                bar.set_postfix(loss=f"{np.mean(np.asarray(recent)[np.asarray(ok_recent)]) if any(ok_recent) else float('nan'):.4g}")
             if max_time is not None and time.perf_counter() - start_time >= max_time:
                 out_of_time = True
                 break

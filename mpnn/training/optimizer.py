@@ -50,12 +50,7 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int, params=None) -> op
         inner = make_optimizer(dataclasses.replace(config, freeze=()), steps_per_epoch)
         return optax.multi_transform({"trained": inner, "frozen": optax.set_to_zero()}, frozen_labels(params, config.freeze))
     schedule = learning_rate_schedule(config, steps_per_epoch)
-    if config.optimizer == "adam":
-        scale = optax.scale_by_adam()
-    elif config.optimizer == "amsgrad":
-        scale = optax.scale_by_amsgrad()
-    else:
-        raise ValueError(f"train.optimizer must be 'adam' or 'amsgrad', got {config.optimizer!r}")
+    scale = optax.scale_by_adam() if config.optimizer == "adam" else optax.scale_by_amsgrad()  # checked by TrainConfig
     parts = [optax.clip_by_global_norm(config.clip_norm), scale]
     if config.weight_decay > 0:
         parts.append(optax.add_decayed_weights(config.weight_decay))
