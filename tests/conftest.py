@@ -28,10 +28,20 @@ from mpnn.models import build_model
 from mpnn.potential import Potential
 
 
+_EQUIVARIANT = dict(num_layers=2, num_features=4, l_max=2, num_radial=4, radial_mlp=(8,), readout_mlp=4)
+TINY_MODELS = {
+    "nequip": dict(_EQUIVARIANT, parity=False),
+    "mace": dict(_EQUIVARIANT, correlation=2, max_L=1),
+    "schnet": dict(num_layers=2, num_features=8, num_filters=8, num_radial=12, readout_mlp=4),
+    "bpnn": dict(num_radial=4, num_angular=2, zetas=(1, 2), hidden=(8,)),
+    "allegro": dict(num_layers=2, num_tensor_features=4, l_max=2, num_radial=4, two_body_mlp=(8,), latent_mlp=(8,), edge_energy_mlp=(4,)),
+}
+
+
 def tiny_model_config(name: str = "nequip", dtype: str = "float64", **kwargs) -> ModelConfig:
     """A model small enough to compile in seconds, big enough to be non-trivial."""
-    values = dict(cutoff=3.5, num_layers=2, num_features=4, l_max=2, num_radial=4, radial_mlp=(8,), readout_mlp=4, dtype=dtype)
-    values.update({"nequip": dict(parity=False), "mace": dict(correlation=2, max_L=1)}.get(name, {}))
+    values = dict(cutoff=3.5, dtype=dtype)
+    values.update(TINY_MODELS[name])
     values.update(kwargs)
     return model_config(name, **values)
 

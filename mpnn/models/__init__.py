@@ -21,18 +21,28 @@ from typing import Callable
 
 import flax.linen as nn
 
-from mpnn.models import mace, nequip
+from mpnn.models import allegro, bpnn, mace, nequip, schnet
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     config: type  # the model's config dataclass
     build: Callable[..., nn.Module]  # build(config, num_species, avg_num_neighbors) → flax module
+    # fit_statistics(module, params, graphs) → params: data-dependent constants set once
+    # from the training graphs before training (BPNN's descriptor standardisation).
+    fit_statistics: Callable | None = None
 
+
+# Parameters that hold data statistics, not learned weights (set by fit_statistics, gradients
+# stopped in the model): weight decay leaves them alone.
+FIXED_PARAMETERS = ("descriptor_mean", "descriptor_inv_std")
 
 MODELS: dict[str, ModelEntry] = {
     "nequip": ModelEntry(nequip.NequIPConfig, nequip.build),
     "mace": ModelEntry(mace.MACEConfig, mace.build),
+    "bpnn": ModelEntry(bpnn.BPNNConfig, bpnn.build, bpnn.fit_statistics),
+    "schnet": ModelEntry(schnet.SchNetConfig, schnet.build),
+    "allegro": ModelEntry(allegro.AllegroConfig, allegro.build),
 }
 
 

@@ -91,6 +91,23 @@ class ScalarReadout(nn.Module):
         return e3nn.flax.Linear(f"{self.num_outputs}x0e")(x).array
 
 
+def relative_to_isolated(readout, features: jnp.ndarray, isolated: jnp.ndarray) -> jnp.ndarray:
+    """readout(features) − readout(isolated), both rows through one call: an atom whose
+    features equal those it has without neighbors gets exactly 0 (so its energy is E0).
+
+    For models whose per-atom features are not zero without neighbors (SchNet's embedding,
+    BPNN's normalised descriptors): the subtracted value depends only on the element, so
+    it is a per-element constant that E0 absorbs. features, isolated: [n_node, F].
+    """
+    both = readout(jnp.concatenate([features, isolated]))
+    return both[: features.shape[0]] - both[features.shape[0] :]
+
+
+def shifted_softplus(x: jnp.ndarray) -> jnp.ndarray:
+    """ln(1 + eˣ) − ln 2: SchNet's activation, zero at zero."""
+    return jax.nn.softplus(x) - jnp.log(2.0).astype(x.dtype)
+
+
 class NodeOutputs(nn.Module):
     """[n_node, num_outputs] readout sums → what a model returns: [n_node] energies when
     that is all, else [n_node, 2] (energy, raw charge). The raw charge gets a learned

@@ -36,6 +36,7 @@ from mpnn.data.frames import DataError, Frame
 from mpnn.data.graphs import fixed_batch_shape, frame_to_graph, iterate_batches
 from mpnn.data.statistics import average_num_neighbors, fit_e0, forces_rms, residual_per_atom
 from mpnn.evaluate import evaluate_graphs, format_metrics, make_error_fn
+from mpnn.models import MODELS
 from mpnn.potential import CountedJit, Potential, build_potential, cast_graph, energy_and_derivatives, graph_cells
 from mpnn.saved_model import save_model
 from mpnn.training.checkpoint import Checkpointer
@@ -250,6 +251,10 @@ def setup(config: Config) -> Setup:
     else:
         avg_neighbors = average_num_neighbors(train_graphs)
         potential = build_potential(config.model, numbers, avg_neighbors, seed=config.seed, config=config)
+        fit_statistics = MODELS[config.model.name].fit_statistics
+        if fit_statistics is not None:  # e.g. BPNN's descriptor standardisation
+            model_params = fit_statistics(potential.model, potential.variables["model"], train_graphs)
+            potential = potential.replace(variables={**potential.variables, "model": model_params})
     # The learned term fits what the fixed terms (ZBL) leave: its statistics come from that.
     e0, scale, shift = energy_scaling(config, without_fixed_terms(potential, splits.train, train_graphs), numbers)
     if base:  # keep what the parameters were trained with; E0 only for elements seen now

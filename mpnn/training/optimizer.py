@@ -9,6 +9,7 @@ import jax
 import optax
 
 from mpnn.config import TrainConfig
+from mpnn.models import FIXED_PARAMETERS
 
 
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -53,6 +54,10 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int, params=None) -> op
     scale = optax.scale_by_adam() if config.optimizer == "adam" else optax.scale_by_amsgrad()  # checked by TrainConfig
     parts = [optax.clip_by_global_norm(config.clip_norm), scale]
     if config.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(config.weight_decay))
+        # Not the data statistics some models keep among their parameters (gradient-free constants).
+        decayed = lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[-1], "key", None) not in FIXED_PARAMETERS, params
+        )
+        parts.append(optax.add_decayed_weights(config.weight_decay, mask=decayed))
     parts.append(optax.scale_by_learning_rate(schedule))
     return optax.chain(*parts)
