@@ -273,12 +273,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         _merge(values, loaded, str(path))
+    file_model = values["model"].get("name", "nequip")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+        value = yaml.safe_load(raw) if raw != "" else None
+        if key.strip() == "model.name" and value != file_model:
+            values["model"] = _keys_shared_with(value, values["model"])
+        _set_dotted(values, key.strip(), value)
     return from_dict(values)
+
+
+def _keys_shared_with(name: str, section: dict) -> dict:
+    """The file's model section for another model (`model.name=X` on the command line):
+    the keys every model has (cutoff, dtype, pair_repulsion, ...) are kept, the previous
+    model's own keys are dropped, so `python train.py model.name=schnet` works with a
+    config written for NequIP. Later overrides still set X's own keys."""
+    from mpnn.models import MODELS  # models import this module
+
+    if name not in MODELS:
+        return section  # from_dict reports the unknown name
+    common = {f.name for f in dataclasses.fields(ModelConfig)}
+    return {k: v for k, v in section.items() if k in common}
 
 
 def _merge(base: dict, new: dict, where: str) -> None:

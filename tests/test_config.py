@@ -3,6 +3,8 @@ users know it, and building a fresh potential without a data set."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -73,3 +75,17 @@ def test_numbers_without_a_dot_and_training_controls_are_checked():
         load_config(None, ["train.schedule=step"])
     with pytest.raises(ConfigError, match="train.loss"):
         load_config(None, ["train.loss=l1"])
+
+
+def test_model_name_override_switches_model_and_keeps_shared_keys():
+    """`python train.py model.name=schnet` on a config written for NequIP: NequIP's own keys
+    are dropped, shared ones (cutoff) kept, the new model's defaults fill the rest."""
+    from mpnn.config import load_config as load
+
+    config = load(Path(__file__).parent.parent / "configs" / "default.yaml", ["model.name=schnet", "model.num_filters=16"])
+    assert config.model.name == "schnet" and config.model.cutoff == 5.0
+    assert config.model.num_filters == 16 and config.model.num_features == 64  # SchNet's default, not NequIP's 32
+    same = load(Path(__file__).parent.parent / "configs" / "default.yaml", ["model.name=nequip"])
+    assert same.model.num_features == 32  # same model named: the file's keys stay
+    with pytest.raises(ConfigError, match="unknown key"):
+        load(None, ["model.name=schnet", "model.l_max=2"])

@@ -6,7 +6,7 @@
 - receptive fields: Allegro and BPNN are strictly local (an atom's energy ignores atoms
   beyond its own cutoff), message-passing models see layers × cutoff;
 - each new model trains through the training loop, saves, loads, and gives the same
-  energies through the ASE calculator and jax-md.
+  energies and forces through `Potential.predict` (the ASE path) and jax-md.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def test_receptive_field(name):
 def trained(request, cu_file, tmp_path_factory):
     """A few epochs of each new model through the training loop (in-process), float32."""
     run_dir = tmp_path_factory.mktemp(f"run_{request.param}") / "run"
-    config = tiny_train_config(cu_file, run_dir, **{"train.max_epochs": 6})
+    config = tiny_train_config(cu_file, run_dir, **{"train.max_epochs": 4, "data.max_frames": 24})
     config = dataclasses.replace(config, model=tiny_model_config(request.param, "float32"))
     results = train(config)
     return request.param, run_dir, results
@@ -175,17 +175,13 @@ def test_new_models_train_and_run_everywhere(trained, cu_file):
     history = list(csv.DictReader(open(run_dir / "metrics.csv")))
     first, last = float(history[0]["valid_forces_mae_mev_A"]), float(history[-1]["valid_forces_mae_mev_A"])
     assert last < first  # it learns
-    assert json.loads((run_dir / "results.json").read_text())["test"]["n_frames"] == 6
+    assert json.loads((run_dir / "results.json").read_text())["test"]["n_frames"] == 3
     potential = mpnn.load(run_dir / "model")
     assert potential.config.model.name == name
     if name == "bpnn":  # training statistics were fitted and saved with the model
         assert float(np.abs(np.asarray(potential.variables["model"]["descriptor_mean"])).max()) > 0
     atoms = ase.io.read(cu_file, index=3)
-    predicted = potential.predict([atoms])[0]
-    atoms.calc = mpnn.MPNNCalculator(run_dir / "model")
-    assert atoms.get_potential_energy() == pytest.approx(predicted["energy"], rel=1e-6)
-    assert np.allclose(atoms.get_forces(), predicted["forces"], atol=1e-4)
-
+    predicted = potential.predict([atoms])[0]  # the ASE calculator's path (tests/test_training.py)
     import mpnn.jaxmd as J
 
     system = J.system_from_atoms(atoms)
