@@ -89,6 +89,9 @@ class ModelConfig:
         return 2 if self.long_range == "electrostatics" else 1
 
 
+LOSS_TERMS = ("energy", "forces", "stress", "dipole", "charges")
+
+
 @dataclass
 class TrainConfig:
     max_epochs: int = 100
@@ -115,6 +118,11 @@ class TrainConfig:
     freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
+        unknown = set(self.stage_two_weights) - set(LOSS_TERMS)
+        if unknown:
+            raise ConfigError(f"train.stage_two_weights: unknown key(s) {sorted(unknown)}; known: {list(LOSS_TERMS)}")
+        if self.stage_two_weights and self.stage_two_epoch is None:
+            raise ConfigError("train.stage_two_weights needs train.stage_two_epoch (the first epoch of stage two)")
         choices = {"schedule": ("cosine", "plateau"), "loss": ("mse", "huber"), "optimizer": ("adam", "amsgrad")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -134,9 +142,23 @@ class TrainConfig:
     # With model.long_range=electrostatics, frames that carry these labels also fit them:
     dipole_weight: float = 1.0  # on (e·Å)² per component, atoms.info["dipole"], molecules only
     charges_weight: float = 0.0  # on e² per atom, atoms.arrays["charges"] (partition-dependent: opt in)
+    # Stage two (as MACE's late "SWA" stage): from epoch stage_two_epoch on, these loss
+    # weights replace the ones above, e.g. {energy: 1000, forces: 10} to tighten energies
+    # once forces are learned. Keys: energy, forces, stress, dipole, charges. No recompilation.
+    stage_two_epoch: int | None = None
+    stage_two_weights: dict[str, float] = field(default_factory=dict)
     checkpoint_every: int = 1  # epochs
     keep_checkpoints: int = 2
     progress: bool = True  # tqdm bar
+
+
+
+def loss_weights(train: "TrainConfig", epoch: int) -> dict[str, float]:
+    """The loss weights in effect in `epoch` (1-based): stage two's from train.stage_two_epoch on."""
+    weights = {k: getattr(train, f"{k}_weight") for k in LOSS_TERMS}
+    if train.stage_two_epoch is not None and epoch >= train.stage_two_epoch:
+        weights.update(train.stage_two_weights)
+    return weights
 
 
 @dataclass

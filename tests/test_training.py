@@ -205,6 +205,9 @@ def test_max_time_stops_mid_epoch_and_resume_continues(trained_run, cu_file, tmp
 def test_non_finite_steps_are_skipped_and_repeated_ones_stop_the_run(cu_file, tmp_path):
     import jax
 
+    import jax.numpy as jnp
+
+    from mpnn.config import loss_weights
     from mpnn.data.graphs import iterate_batches
     from mpnn.potential import cast_graph
     from mpnn.training.loop import _check_bad_steps, setup
@@ -214,8 +217,9 @@ def test_non_finite_steps_are_skipped_and_repeated_ones_stop_the_run(cu_file, tm
     broken = jax.tree_util.tree_map(np.copy, batch)
     broken.nodes["positions"][0, 0] = np.nan
     one = np.ones((), s.potential.np_dtype)
+    weights = {k: one * v for k, v in loss_weights(s.config.train, 1).items()}
     before = jax.tree_util.tree_map(np.asarray, s.state)
-    state, loss, ok = s.train_step(s.state, broken, one)
+    state, loss, ok = s.train_step(s.state, broken, one, weights)
     assert not bool(ok) and not np.isfinite(float(loss))
     # Nothing moved (parameters, optimiser state, EMA), only the step count.
     for a, b in zip(jax.tree_util.tree_leaves(before.params), jax.tree_util.tree_leaves(state.params)):
@@ -223,8 +227,12 @@ def test_non_finite_steps_are_skipped_and_repeated_ones_stop_the_run(cu_file, tm
     for a, b in zip(jax.tree_util.tree_leaves(before.opt_state), jax.tree_util.tree_leaves(state.opt_state)):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert int(state.step) == int(before.step) + 1
-    state, loss, ok = s.train_step(state, batch, one)
+    compiles = s.n_compiles
+    _, doubled, _ = s.train_step(jax.tree_util.tree_map(jnp.array, state), batch, one, {k: 2 * w for k, w in weights.items()})
+    state, loss, ok = s.train_step(state, batch, one, weights)
     assert bool(ok) and np.isfinite(float(loss))
+    # Loss weights are arguments (stage two changes them): linear in them, no recompilation.
+    assert float(doubled) == pytest.approx(2 * float(loss), rel=1e-10) and s.n_compiles == compiles
     assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree_util.tree_leaves(before.params), jax.tree_util.tree_leaves(state.params)))
     _check_bad_steps([True] + [False] * 9, epoch=1, max_bad=10)  # 9 in a row: go on
     with pytest.raises(FloatingPointError, match="10 consecutive steps"):
@@ -297,3 +305,32 @@ def test_fine_tuning_from_a_saved_model(trained_run, cu_file, tmp_path):
         setup(tiny_train_config(str(tmp_path / "with_h.xyz"), tmp_path / "h", **{"train.init_from": str(trained_run / "model")}))
     with pytest.raises(ValueError, match="match no parameter"):
         setup(tiny_train_config(cu_file, tmp_path / "x", **{"train.init_from": str(trained_run / "model"), "train.freeze": ["layer_9"]}))
+
+
+def test_same_seed_same_run_and_stage_two(cu_file, tmp_path):
+    """Two runs of one config (seed, data order, initialisation) give identical metrics and
+    parameters. Both switch to stage-two loss weights at epoch 2, with no recompilation."""
+    from mpnn.config import ConfigError, loss_weights
+    from mpnn.training.loop import train
+
+    overrides = {
+        "train.max_epochs": 2, "data.max_frames": 16, "train.stage_two_epoch": 2,
+        "train.stage_two_weights": "{energy: 1000.0, forces: 1.0}",
+    }
+    runs = []
+    for name in ("a", "b"):
+        config = tiny_train_config(cu_file, tmp_path / name, **overrides)
+        train(config)
+        runs.append(tmp_path / name)
+    a, b = read_metrics(runs[0]), read_metrics(runs[1])
+    for x, y in zip(a, b):
+        for key in x:
+            if key not in ("time_s", "epoch_train_s"):
+                assert x[key] == y[key], key
+    assert int(a[2]["n_compiles"]) == 0  # stage two: same program
+    pa, pb = mpnn.load(runs[0] / "model").variables, mpnn.load(runs[1] / "model").variables
+    for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert loss_weights(config.train, 1)["energy"] == 10.0 and loss_weights(config.train, 2)["energy"] == 1000.0
+    with pytest.raises(ConfigError, match="unknown key"):
+        tiny_train_config(cu_file, tmp_path / "c", **{"train.stage_two_epoch": 2, "train.stage_two_weights": "{force: 1.0}"})

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from mpnn.config import Config, save_config
+from mpnn.config import LOSS_TERMS, Config, loss_weights, save_config
 from mpnn.data.dataset import Splits, e0_from_config, label_warnings, load_splits
 from mpnn.data.frames import DataError, Frame
 from mpnn.data.graphs import fixed_batch_shape, frame_to_graph, iterate_batches
@@ -106,24 +106,21 @@ def without_fixed_terms(potential: Potential, frames: list[Frame], graphs: list[
 
 
 def make_train_step(potential: Potential, tx: optax.GradientTransformation, config: Config):
-    weights = {
-        "energy": config.train.energy_weight,
-        "forces": config.train.forces_weight,
-        "stress": config.train.stress_weight,
-        "dipole": config.train.dipole_weight,
-        "charges": config.train.charges_weight,
-    }
+    # Terms with a weight in either stage enter the loss; the weights themselves are
+    # arguments, so stage two changes them without recompiling.
+    used = {k for k in LOSS_TERMS if config.train.stage_two_weights.get(k, 0.0) > 0 or loss_weights(config.train, 1)[k] > 0}
     fixed = {k: v for k, v in potential.variables.items() if k != "model"}
     ema_decay = config.train.ema_decay
     huber_delta = config.train.huber_delta if config.train.loss == "huber" else None
 
-    def train_step(state: TrainState, graph, lr_scale):
-        """(state, padded batch, lr multiplier) → (new state, loss, finite). A step whose
-        loss or gradients are not finite changes nothing but the step count."""
+    def train_step(state: TrainState, graph, lr_scale, weights: dict):
+        """(state, padded batch, lr multiplier, loss weights {term: scalar}) → (new state,
+        loss, finite). A step whose loss or gradients are not finite changes nothing but
+        the step count."""
 
         def loss_of(params):
             pred = energy_and_derivatives(potential, {**fixed, "model": params}, graph)
-            return loss_fn(pred, graph, weights, huber_delta)
+            return loss_fn(pred, graph, {k: weights[k] for k in used}, huber_delta)
 
         loss, grads = jax.value_and_grad(loss_of)(state.params)
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
@@ -360,8 +357,11 @@ def train(config: Config) -> dict:
         bar = tqdm(batches, total=s.steps_per_epoch - skip, desc=f"epoch {epoch}", disable=not config.train.progress, leave=False)
         losses, finite = [], []
         lr_scale = jnp.asarray(meta["lr_scale"], dtype)
+        weights = {k: jnp.asarray(v, dtype) for k, v in loss_weights(config.train, epoch).items()}
+        if epoch == config.train.stage_two_epoch:
+            log.info("stage two from epoch %d: loss weights %s", epoch, loss_weights(config.train, epoch))
         for batch in bar:
-            state, loss, ok = s.train_step(state, cast_graph(batch, dtype), lr_scale)
+            state, loss, ok = s.train_step(state, cast_graph(batch, dtype), lr_scale, weights)
             losses.append(loss)
             finite.append(ok)
             if len(losses) % 10 == 0:

@@ -16,16 +16,17 @@ def residuals(pred: dict, graph: jraph.GraphsTuple) -> dict[str, tuple[jnp.ndarr
     """(error, weight) pairs: energy per atom [n_graph], force components [n_node, 3],
     stress components [n_graph, 3, 3]; weights broadcast against the errors."""
     globals_ = graph.globals
-    n_atoms = jnp.maximum(graph.n_node, 1).astype(pred["energy"].dtype)
+    dtype = pred["energy"].dtype  # the model's: a float32 model stays float32 in a 64-bit process
+    n_atoms = jnp.maximum(graph.n_node, 1).astype(dtype)
     node_weight = globals_["weight_forces"][_node_graph(graph)]
     out = {
         "energy": ((pred["energy"] - globals_["energy"]) / n_atoms, globals_["weight_energy"]),
-        "forces": (pred["forces"] - graph.nodes["forces"], node_weight[:, None] * jnp.ones((1, 3))),
-        "stress": (pred["stress"] - globals_["stress"], globals_["weight_stress"][:, None, None] * jnp.ones((1, 3, 3))),
+        "forces": (pred["forces"] - graph.nodes["forces"], node_weight[:, None] * jnp.ones((1, 3), dtype)),
+        "stress": (pred["stress"] - globals_["stress"], globals_["weight_stress"][:, None, None] * jnp.ones((1, 3, 3), dtype)),
     }
     if "charges" in pred:  # a potential with learned charges (electrostatics)
         charge_weight = globals_["weight_charges"][_node_graph(graph)] * graph.nodes["mask"]
-        out["dipole"] = (pred["dipole"] - globals_["dipole"], globals_["weight_dipole"][:, None] * jnp.ones((1, 3)))
+        out["dipole"] = (pred["dipole"] - globals_["dipole"], globals_["weight_dipole"][:, None] * jnp.ones((1, 3), dtype))
         out["charges"] = (pred["charges"] - graph.nodes["charges"], charge_weight)
     return out
 
@@ -45,11 +46,12 @@ def weighted_huber(error: jnp.ndarray, weight: jnp.ndarray, delta: float) -> jnp
 def loss_fn(pred: dict, graph: jraph.GraphsTuple, weights: dict[str, float], huber_delta: float | None = None) -> jnp.ndarray:
     """Σ_k w_k · MSE_k over energy per atom (eV/atom)², force components (eV/Å)², stress
     (eV/Å³)², and with learned charges dipole components (e·Å)² and charges e²; with
-    `huber_delta` the Huber form of each (`weighted_huber`)."""
+    `huber_delta` the Huber form of each (`weighted_huber`). Terms absent from `weights`
+    are left out; the weights may be traced values (they change between training stages)."""
     res = residuals(pred, graph)
     if huber_delta is None:
-        return sum(weights[k] * weighted_mse(*res[k]) for k in res if weights.get(k, 0.0) > 0)
-    return sum(weights[k] * weighted_huber(*res[k], huber_delta) for k in res if weights.get(k, 0.0) > 0)
+        return sum(weights[k] * weighted_mse(*res[k]) for k in res if k in weights)
+    return sum(weights[k] * weighted_huber(*res[k], huber_delta) for k in res if k in weights)
 
 
 def error_sums(pred: dict, graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:
