@@ -129,7 +129,9 @@ def make_train_step(potential: Potential, tx: optax.GradientTransformation, conf
         params = optax.apply_updates(state.params, updates)
         # Warm-up of the EMA decay so early averages are not dominated by the initialisation.
         decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step)).astype(loss.dtype)
-        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema, params)
+        # e + (1 − d)(p − e), not d·e + (1 − d)·p: a parameter that does not move (frozen)
+        # keeps its EMA bit for bit.
+        ema = jax.tree_util.tree_map(lambda e, p: e + (1 - decay) * (p - e), state.ema, params)
         new = state.replace(params=params, opt_state=opt_state, ema=ema)
         new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)  # a bad step: keep the old state
         return new.replace(step=state.step + 1), loss, finite
