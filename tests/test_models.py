@@ -118,18 +118,7 @@ def test_bpnn_standardises_with_training_statistics(cu_file):
     potential = build_potential(config, [29], avg_num_neighbors=8.0, seed=0)
     graphs = [frame_to_graph(f, config.cutoff, {29: 0}) for f in frames]
     params = bpnn.fit_statistics(potential.model, potential.variables["model"], graphs, batch_size=3)
-    module = potential.model
-    g = np.concatenate(
-        [
-            np.asarray(
-                module.apply(
-                    {"params": params}, edge_vectors(g_.nodes["positions"], g_.globals["cell"], g_.edges["shifts"], g_.senders, g_.receivers, g_.n_edge),
-                    g_.nodes["species"], g_.senders, g_.receivers, g_.edges["mask"], method=bpnn.BPNN.descriptors,
-                )
-            )
-            for g_ in map(lambda x: cast_graph(x, np.float64), graphs)
-        ]
-    )
+    g = np.concatenate([np.asarray(bpnn.graph_descriptors(potential.model, params, cast_graph(x, np.float64))) for x in graphs])
     standardised = (g - np.asarray(params["descriptor_mean"][0])) * np.asarray(params["descriptor_inv_std"][0])
     varying = g.std(0) > 1e-6
     assert varying.sum() > 5

@@ -30,7 +30,6 @@ derivative jumps at the cutoff.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -253,23 +252,26 @@ class BPNN(nn.Module):
         return NodeOutputs(self.num_species, name="outputs")(outputs, species)
 
 
+def graph_descriptors(model: BPNN, params: dict, graph) -> jnp.ndarray:
+    """Raw symmetry functions [n_node, F] of a (padded) graph, edge vectors from its
+    positions, shifts and cell."""
+    from mpnn.potential import edge_vectors
+
+    nodes, edges = graph.nodes, graph.edges
+    vectors = edge_vectors(nodes["positions"], graph.globals["cell"], edges["shifts"], graph.senders, graph.receivers, graph.n_edge)
+    return model.apply(
+        {"params": params}, vectors, nodes["species"], graph.senders, graph.receivers, edges["mask"], method=BPNN.descriptors
+    )
+
+
 def fit_statistics(model: BPNN, params: dict, graphs, batch_size: int = 64) -> dict:
     """params with descriptor_mean / descriptor_inv_std set to each element's mean and
     1/std over the atoms of `graphs` (numpy GraphsTuples, one frame each). Elements absent
     from the graphs, and features constant over an element's atoms, keep 0 and 1."""
     from mpnn.data.graphs import fixed_batch_shape, iterate_batches
-    from mpnn.potential import cast_graph, edge_vectors
+    from mpnn.potential import cast_graph
 
-    @jax.jit
-    def descriptors(graph):
-        vectors = edge_vectors(
-            graph.nodes["positions"], graph.globals["cell"], graph.edges["shifts"], graph.senders, graph.receivers, graph.n_edge
-        )
-        return model.apply(
-            {"params": params}, vectors, graph.nodes["species"], graph.senders, graph.receivers, graph.edges["mask"],
-            method=BPNN.descriptors,
-        )
-
+    descriptors = jax.jit(lambda graph: graph_descriptors(model, params, graph))
     dtype = np.asarray(params["descriptor_mean"]).dtype
     n_features = params["descriptor_mean"].shape[1]
     count = np.zeros(model.num_species)

@@ -19,8 +19,6 @@ Two departures from the paper, both to keep the physics every model here keeps:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
