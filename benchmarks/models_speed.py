@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from mpnn.config import load_config
+from mpnn.config import load_config, loss_weights
 from mpnn.data.graphs import iterate_batches
 from mpnn.potential import cast_graph
 from mpnn.training.loop import setup
@@ -34,11 +34,12 @@ def benchmark(config_path: str, steps: int) -> dict:
 
     start = time.perf_counter()
     lr_scale = np.ones((), potential.np_dtype)
-    state, loss, _ = block(train_step(state, batches[0], lr_scale))
+    weights = {k: np.asarray(v, potential.np_dtype) for k, v in loss_weights(config.train, 1).items()}
+    state, loss, _ = block(train_step(state, batches[0], lr_scale, weights))
     compile_train = time.perf_counter() - start
     start = time.perf_counter()
     for k in range(steps):
-        state, loss, _ = train_step(state, batches[(k + 1) % len(batches)], lr_scale)
+        state, loss, _ = train_step(state, batches[(k + 1) % len(batches)], lr_scale, weights)
     block(loss)
     step_time = (time.perf_counter() - start) / steps
 
