@@ -400,6 +400,8 @@ def cast_graph(graph: jraph.GraphsTuple, dtype) -> jraph.GraphsTuple:
     """Floating arrays of a graph to `dtype` (integers and masks untouched)."""
 
     def cast(x):
+        if isinstance(x, jax.Array):  # already on the device: no round trip through the host
+            return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
         x = np.asarray(x)
         return x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mpnn.nn.radial import masked_edge_vectors, radial_features, safe_norm
+from mpnn.nn.tensor_product import channelwise_messages, is_channelwise, message_irreps
 
 
 def edge_geometry(
@@ -66,14 +67,19 @@ class MessagePassing(nn.Module):
         senders: jnp.ndarray,
         receivers: jnp.ndarray,
     ) -> e3nn.IrrepsArray:
-        messages = e3nn.tensor_product(
-            node_feats[senders], edge_sh, filter_ir_out=e3nn.Irreps(self.irreps_out)
-        ).regroup()
+        channelwise = is_channelwise(node_feats.irreps)  # the usual case: dense contractions, same result
+        if channelwise:
+            num_weights = message_irreps(node_feats.irreps, edge_sh.irreps, self.irreps_out).num_irreps
+        else:
+            messages = e3nn.tensor_product(node_feats[senders], edge_sh, filter_ir_out=e3nn.Irreps(self.irreps_out)).regroup()
+            num_weights = messages.irreps.num_irreps
         weights = e3nn.flax.MultiLayerPerceptron(
-            tuple(self.radial_mlp) + (messages.irreps.num_irreps,), act=jax.nn.silu, output_activation=False
+            tuple(self.radial_mlp) + (num_weights,), act=jax.nn.silu, output_activation=False
         )(edge_radial)
-        messages = messages * weights
-        summed = e3nn.scatter_sum(messages, dst=receivers, output_size=node_feats.shape[0])
+        if channelwise:
+            summed = channelwise_messages(node_feats, edge_sh, weights, senders, receivers, self.irreps_out)
+        else:
+            summed = e3nn.scatter_sum(messages * weights, dst=receivers, output_size=node_feats.shape[0])
         return summed / self.avg_num_neighbors
 
 
