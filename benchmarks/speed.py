@@ -91,7 +91,7 @@ ROWS = {
     "train_cu": ("train", "cu108x2", 3),
     "md_cu108": ("md", "cu108", 3),
     "md_cu864": ("md", "cu864", 2),
-    "ef_cu864_paper": ("ef", "cu864", 2),
+    "ef_cu864_paper": ("ef", "cu864", 1),  # minutes a call on one core: no separate warm-up
 }
 MD_STEPS = {"cu108": 20, "cu864": 10}
 
@@ -192,7 +192,8 @@ def run_row(impl: str, row: str, repeats: int | None) -> dict:
     start = time.perf_counter()
     fn()
     compile_s = time.perf_counter() - start
-    fn()  # warm-up: allocator, caches
+    if repeats > 1:
+        fn()  # warm-up: allocator, caches
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -267,6 +268,17 @@ def table(results: list[dict], impls: list[str], rows: list[str], key: str = "ms
     return "\n".join(lines)
 
 
+def print_tables(results: list[dict], impls: list[str], rows: list[str]) -> None:
+    print("\n## median ms per call (MD: per step); in brackets ours / theirs (< 1: ours faster)\n")
+    print(table(results, impls, rows))
+    for key in ("compile_s", "peak_mb", "n_params"):
+        print(f"\n## {key}\n")
+        print(table(results, impls, rows, key))
+    notes = {r["impl"]: r["note"] for r in results if r.get("note")}
+    for impl, note in notes.items():
+        print(f"- {impl}: {note}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impls", default=",".join(IMPLS))
@@ -276,6 +288,7 @@ def main(argv=None) -> int:
     parser.add_argument("--python", action="append", default=[], help="NAME=PATH: interpreter for an implementation")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
     parser.add_argument("--json", default=None, help="also write every result here")
+    parser.add_argument("--from-json", nargs="+", default=None, help="print the tables of earlier --json files, merged")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "ROW"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -295,6 +308,11 @@ def main(argv=None) -> int:
         return 0
 
     impls, rows = args.impls.split(","), args.rows.split(",")
+    if args.from_json:
+        results = [r for path in args.from_json for r in json.loads(Path(path).read_text())]
+        present = {r["impl"] for r in results}
+        print_tables(results, [i for i in IMPLS if i in present], [r for r in ROWS if any(x["row"] == r for x in results)])
+        return 0
     pythons = dict(item.split("=", 1) for item in args.python)
     print(
         f"# {time.strftime('%Y-%m-%d')} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs · "
@@ -314,11 +332,7 @@ def main(argv=None) -> int:
                     f"peak +{r['peak_mb']:7.0f} MB  {r['n_params']:8d} params",
                     flush=True,
                 )
-    print("\n## median ms per call (MD: per step); in brackets ours / theirs (< 1: ours faster)\n")
-    print(table(results, impls, rows))
-    for key in ("compile_s", "peak_mb", "n_params"):
-        print(f"\n## {key}\n")
-        print(table(results, impls, rows, key))
+    print_tables(results, impls, rows)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

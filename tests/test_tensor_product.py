@@ -49,3 +49,26 @@ def test_channelwise_messages_equal_e3nn(irreps_in, l_max, irreps_out):
     g_theirs = jax.jit(jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2)))(x, sh.array, weights)
     for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_theirs)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_channel_blocks_give_the_same_messages(monkeypatch):
+    """Large message tensors are built a block of channels at a time: same values, same gradients."""
+    import mpnn.nn.tensor_product as tp
+
+    n_node, n_edge, irreps_in, irreps_out = 4, 9, "4x0e+4x1o", "0e+1o+2e"
+    rng = np.random.default_rng(1)
+    x = e3nn.normal(irreps_in, jax.random.PRNGKey(2), (n_node,), dtype=jnp.float64)
+    sh = e3nn.spherical_harmonics(e3nn.Irreps.spherical_harmonics(2), jnp.asarray(rng.normal(size=(n_edge, 3))), normalize=True)
+    senders, receivers = jnp.asarray(rng.integers(0, n_node, n_edge)), jnp.asarray(rng.integers(0, n_node, n_edge))
+    weights = jnp.asarray(rng.normal(size=(n_edge, message_irreps(x.irreps, sh.irreps, e3nn.Irreps(irreps_out)).num_irreps)))
+
+    def energy(x_array, w):
+        out = channelwise_messages(e3nn.IrrepsArray(x.irreps, x_array), sh, w, senders, receivers, irreps_out)
+        return jnp.sum(jnp.sin(out.array))
+
+    whole = jax.jit(jax.value_and_grad(energy, argnums=(0, 1)))(x.array, weights)
+    monkeypatch.setattr(tp, "MAX_BLOCK_BYTES", 1)  # one channel per block
+    assert tp._channel_blocks(10, 4) == 4
+    blocked = jax.jit(jax.value_and_grad(energy, argnums=(0, 1)))(x.array, weights)
+    for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(blocked)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

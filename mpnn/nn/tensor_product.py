@@ -85,6 +85,17 @@ def _paths(coefficients: np.ndarray, per_channel: e3nn.Irreps) -> list[tuple[int
     return paths
 
 
+MAX_BLOCK_BYTES = 256 * 2**20  # largest [n_edge, q, channels] message tensor built at once
+
+
+def _channel_blocks(bytes_per_channel: int, channels: int) -> int:
+    """The fewest blocks, a divisor of `channels`, that keep a block under MAX_BLOCK_BYTES."""
+    for n_blocks in range(1, channels + 1):
+        if channels % n_blocks == 0 and bytes_per_channel * channels // n_blocks <= MAX_BLOCK_BYTES:
+            return n_blocks
+    return channels
+
+
 def is_channelwise(irreps: e3nn.Irreps) -> bool:
     """Every irrep with one multiplicity (what `channelwise_messages` takes)."""
     return len({mul for mul, _ in irreps}) == 1
@@ -114,13 +125,28 @@ def channelwise_messages(
     x = jnp.swapaxes(node_feats.mul_to_axis(channels).array, 1, 2)[senders]  # [n_edge, d, C]
     t = jnp.einsum("ej,ijq->eiq", edge_sh.array, jnp.asarray(coefficients, x.dtype))  # [n_edge, d, q]
     w = weights.reshape(n_edge, per_channel.num_irreps, channels)
-    # Path by path (each reads one input irrep): broadcasts XLA fuses into one loop over
-    # [n_edge, q, C]; a batched dot over all of i, or a gather to expand w, ran 2-3× slower.
-    pieces = []
-    for path, (q, dim, inputs) in enumerate(_paths(coefficients, per_channel)):
-        z = sum(t[:, i, q : q + dim, None] * x[:, i, None, :] for i in inputs)
-        pieces.append(w[:, path, None, :] * z)
-    summed = _sum_into(jnp.concatenate(pieces, axis=1), receivers, n_node)  # [n_node, q, C]
+    paths = _paths(coefficients, per_channel)
+
+    def summed_messages(x, w):  # [n_edge, d, c], [n_edge, paths, c] → [n_node, q, c]
+        # Path by path (each reads one input irrep): broadcasts XLA fuses into one loop
+        # over [n_edge, q, c]; a batched dot over all of i, or a gather to expand w, ran
+        # 2-3× slower.
+        pieces = []
+        for path, (q, dim, inputs) in enumerate(paths):
+            z = sum(t[:, i, q : q + dim, None] * x[:, i, None, :] for i in inputs)
+            pieces.append(w[:, path, None, :] * z)
+        return _sum_into(jnp.concatenate(pieces, axis=1), receivers, n_node)
+
+    # Channels never mix here, so large messages are built a block of channels at a
+    # time (rematerialised in the backward pass): the [n_edge, q, C] tensors of the
+    # "paper" MACE on 864 atoms would take ~3 GB each.
+    n_blocks = _channel_blocks(n_edge * coefficients.shape[-1] * x.dtype.itemsize, channels)
+    if n_blocks == 1:
+        summed = summed_messages(x, w)
+    else:
+        split = lambda a: jnp.moveaxis(a.reshape(a.shape[:2] + (n_blocks, channels // n_blocks)), 2, 0)
+        blocks = jax.lax.map(jax.checkpoint(lambda xw: summed_messages(*xw)), (split(x), split(w)))
+        summed = jnp.moveaxis(blocks, 0, 2).reshape(n_node, -1, channels)  # [n_node, q, C]
 
     # Back to e3nn's layout: per output irrep (path, channel, component). split, not
     # slices: its transpose is one concatenate, not a sum of padded copies.
