@@ -219,8 +219,10 @@ def run_row(impl: str, row: str, repeats: int | None) -> dict:
 # --- the orchestrator ---------------------------------------------------------------------
 
 
-def pinned_env(threads: int) -> dict:
+def pinned_env(threads: int, hugepages: bool = False) -> dict:
     env = dict(os.environ)
+    if hugepages:  # glibc backs its large (mmap) allocations with transparent huge pages
+        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = str(threads)
     env["MPNN_BENCH_THREADS"] = str(threads)
     flags = env.get("XLA_FLAGS", "")
@@ -231,13 +233,15 @@ def pinned_env(threads: int) -> dict:
     return env
 
 
-def run_subprocess(python: str, impl: str, row: str, threads: int, repeats: int | None, timeout: float) -> dict:
+def run_subprocess(
+    python: str, impl: str, row: str, threads: int, repeats: int | None, timeout: float, hugepages: bool = False
+) -> dict:
     cores = ",".join(str(c) for c in range(threads))
     command = ["taskset", "-c", cores, python, str(Path(__file__).resolve()), "--worker", impl, row]
     if repeats:
         command += ["--repeats", str(repeats)]
     try:
-        done = subprocess.run(command, env=pinned_env(threads), capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, env=pinned_env(threads, hugepages), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"impl": impl, "row": row, "error": f"timeout {timeout:.0f} s"}
     for line in reversed(done.stdout.splitlines()):
@@ -286,6 +290,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (default: per row)")
     parser.add_argument("--python", action="append", default=[], help="NAME=PATH: interpreter for an implementation")
+    parser.add_argument("--hugepages", action="store_true", help="GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for every implementation")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
     parser.add_argument("--json", default=None, help="also write every result here")
     parser.add_argument("--from-json", nargs="+", default=None, help="print the tables of earlier --json files, merged")
@@ -316,13 +321,16 @@ def main(argv=None) -> int:
     pythons = dict(item.split("=", 1) for item in args.python)
     print(
         f"# {time.strftime('%Y-%m-%d')} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs · "
-        f"{args.threads} thread(s) pinned (taskset) · medians after warm-up · float32",
+        f"{args.threads} thread(s) pinned (taskset) · medians after warm-up · float32"
+        + (" · glibc.malloc.hugetlb=1" if args.hugepages else ""),
         flush=True,
     )
     results = []
     for impl in impls:
         for row in rows:
-            r = run_subprocess(pythons.get(impl, sys.executable), impl, row, args.threads, args.repeats, args.timeout)
+            r = run_subprocess(
+                pythons.get(impl, sys.executable), impl, row, args.threads, args.repeats, args.timeout, args.hugepages
+            )
             results.append(r)
             if "error" in r:
                 print(f"{impl:13s} {row:15s} – {r['error'][:160]}", flush=True)
