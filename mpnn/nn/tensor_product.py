@@ -30,21 +30,23 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def channel_coefficients(irreps_channel: str, irreps_sh: str, irreps_out: str) -> tuple[e3nn.Irreps, np.ndarray]:
+def _channel_plan(irreps_in: e3nn.Irreps, irreps_sh: e3nn.Irreps, irreps_out: e3nn.Irreps):
     """(output irreps of one channel, multiplicity = number of paths, in e3nn's regrouped
-    order; K [d_channel, d_sh, q]) of `e3nn.tensor_product` of one channel with the
-    harmonics, read off by evaluating it on basis vectors (so it is e3nn's own product,
+    order; K [d_channel, d_sh, q]; `_paths`) for C x irreps_in. K is `e3nn.tensor_product`
+    of one channel with the harmonics, read off on basis vectors (e3nn's own product,
     normalisation included; float64 when JAX runs in 64 bits)."""
-    return _channel_coefficients(irreps_channel, irreps_sh, irreps_out, bool(jax.config.jax_enable_x64))
+    single = str(e3nn.Irreps([(1, ir) for _, ir in irreps_in]))
+    return _plan(single, str(e3nn.Irreps(irreps_sh)), str(e3nn.Irreps(irreps_out)), bool(jax.config.jax_enable_x64))
 
 
 @functools.lru_cache(maxsize=None)
-def _channel_coefficients(irreps_channel: str, irreps_sh: str, irreps_out: str, x64: bool):
+def _plan(irreps_channel: str, irreps_sh: str, irreps_out: str, x64: bool):
     with jax.ensure_compile_time_eval():  # constants, also when first called inside a jit
         x = e3nn.IrrepsArray(irreps_channel, jnp.eye(e3nn.Irreps(irreps_channel).dim))
         y = e3nn.IrrepsArray(irreps_sh, jnp.eye(e3nn.Irreps(irreps_sh).dim))
         out = e3nn.tensor_product(x[:, None], y[None, :], filter_ir_out=e3nn.Irreps(irreps_out)).regroup()
-        return out.irreps, np.asarray(out.array)
+        coefficients = np.asarray(out.array)
+    return out.irreps, coefficients, _paths(coefficients, out.irreps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -103,9 +105,8 @@ def is_channelwise(irreps: e3nn.Irreps) -> bool:
 
 def message_irreps(irreps_in: e3nn.Irreps, irreps_sh: e3nn.Irreps, irreps_out: e3nn.Irreps) -> e3nn.Irreps:
     """The irreps of the summed messages: C x (each path's output irrep), regrouped."""
-    channels = irreps_in[0].mul
-    per_channel, _ = channel_coefficients(str(e3nn.Irreps([(1, ir) for _, ir in irreps_in])), str(irreps_sh), str(e3nn.Irreps(irreps_out)))
-    return e3nn.Irreps([(mul * channels, ir) for mul, ir in per_channel])
+    per_channel, _, _ = _channel_plan(irreps_in, irreps_sh, irreps_out)
+    return e3nn.Irreps([(mul * irreps_in[0].mul, ir) for mul, ir in per_channel])
 
 
 def channelwise_messages(
@@ -119,13 +120,11 @@ def channelwise_messages(
     """Σ over incoming edges of weights ⊙ (node_feats[senders] ⊗ edge_sh), filtered to
     `irreps_out`: IrrepsArray [n_node, message_irreps(...)] (see the module doc)."""
     channels, n_node, n_edge = node_feats.irreps[0].mul, node_feats.shape[0], edge_sh.shape[0]
-    single = e3nn.Irreps([(1, ir) for _, ir in node_feats.irreps])
-    per_channel, coefficients = channel_coefficients(str(single), str(edge_sh.irreps), str(e3nn.Irreps(irreps_out)))
+    per_channel, coefficients, paths = _channel_plan(node_feats.irreps, edge_sh.irreps, irreps_out)
 
     x = jnp.swapaxes(node_feats.mul_to_axis(channels).array, 1, 2)[senders]  # [n_edge, d, C]
     t = jnp.einsum("ej,ijq->eiq", edge_sh.array, jnp.asarray(coefficients, x.dtype))  # [n_edge, d, q]
     w = weights.reshape(n_edge, per_channel.num_irreps, channels)
-    paths = _paths(coefficients, per_channel)
 
     def summed_messages(x, w):  # [n_edge, d, c], [n_edge, paths, c] → [n_node, q, c]
         # Path by path (each reads one input irrep): broadcasts XLA fuses into one loop
@@ -155,5 +154,5 @@ def channelwise_messages(
         jnp.swapaxes(block.reshape(n_node, mul, ir.dim, channels), 2, 3).reshape(n_node, mul * channels * ir.dim)
         for (mul, ir), block in zip(per_channel, jnp.split(summed, sizes, axis=1))
     ]
-    irreps = e3nn.Irreps([(mul * channels, ir) for mul, ir in per_channel])
+    irreps = message_irreps(node_feats.irreps, edge_sh.irreps, irreps_out)
     return e3nn.IrrepsArray(irreps, jnp.concatenate(chunks, axis=1))
