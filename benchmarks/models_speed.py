@@ -16,7 +16,6 @@ import numpy as np
 
 from mpnn.config import load_config, loss_weights
 from mpnn.data.graphs import iterate_batches
-from mpnn.potential import cast_graph
 from mpnn.training.loop import setup
 
 
@@ -27,10 +26,8 @@ def block(tree):
 def benchmark(config_path: str, steps: int) -> dict:
     config = load_config(config_path)
     s = setup(config)  # the training run's own setup: data, statistics, potential, state, step
-    potential, graphs, batch_size, state, train_step, shape = (
-        s.potential, s.train_graphs, config.train.batch_size, s.state, s.train_step, s.train_shape
-    )
-    batches = [cast_graph(b, potential.np_dtype) for b in iterate_batches(graphs, batch_size, shape=shape)]
+    potential, graphs, state, train_step = s.potential, s.train_graphs, s.state, s.train_step
+    batches = [s.batch(step)[0] for step in s.plan(1)]  # as training builds them (device axis first)
 
     start = time.perf_counter()
     lr_scale = np.ones((), potential.np_dtype)

@@ -26,6 +26,15 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mpnn").setLevel(logging.INFO)
     config = load_config(args.config, list(args.overrides) + (["run.resume=true"] if args.resume else []))
 
+    import jax
+
+    if config.run.distributed:  # before anything touches a device
+        from mpnn.training.parallel import initialize_distributed
+
+        initialize_distributed(config.run.coordinator_address, config.run.num_processes, config.run.process_id)
+        if jax.process_index() > 0:  # one log: the first process's
+            logging.getLogger("mpnn").setLevel(logging.WARNING)
+
     if config.model.dtype == "float64":
         from mpnn.potential import enable_x64
 
@@ -35,6 +44,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from mpnn.training.loop import train
 
     results = train(config)
+    if jax.process_index() > 0:  # the first process reports
+        return 0
     print(f"\nrun folder: {config.run.dir}  (best epoch {results['best_epoch']} after {results['epochs']:.3g} epochs, {results['train_time_s']:.0f} s)")
     for split in ("valid", "test"):
         if results[split] is not None:

@@ -116,6 +116,13 @@ class TrainConfig:
     # parameter-path prefixes that stay fixed (e.g. ["embedding", "layer_0"]).
     init_from: str | None = None
     freeze: tuple[str, ...] = ()
+    # Devices: batch_size is the global batch (graphs per optimiser step), split over
+    # n_devices per process (null: every local device). Batching by size instead: each
+    # device's batch is filled up to batch_nodes atoms and batch_edges edges (either or
+    # both; batch_size is then not used for training).
+    n_devices: int | None = None
+    batch_nodes: int | None = None
+    batch_edges: int | None = None
 
     def __post_init__(self):
         unknown = set(self.stage_two_weights) - set(LOSS_TERMS)
@@ -166,6 +173,13 @@ class RunConfig:
     dir: str = "runs/default"
     resume: bool = False  # continue from the last checkpoint in `dir`
     overwrite: bool = False  # replace an existing run in `dir`
+    # Several processes (hosts): jax.distributed.initialize(coordinator_address,
+    # num_processes, process_id); keys left null come from the environment as JAX detects
+    # it (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI). Every process runs the same command.
+    distributed: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 @dataclass

@@ -4,17 +4,22 @@
 
 prints and writes energy (meV/atom), force (meV/Å) and stress (meV/Å³) MAE and RMSE, and
 for models with learned charges the dipole (me·Å) and charge (me) errors where labelled.
+`predictions` / `save_predictions` give the reference and predicted values themselves
+(parity plots: `mpnn.plot`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import jax
 import jraph
+import numpy as np
 
 from mpnn.data.frames import read_frames, validate_frame
 from mpnn.data.graphs import frame_to_graph, iterate_batches
@@ -42,6 +47,19 @@ def evaluate_graphs(
     """Metrics (see `mpnn.training.loss.METRICS`) over `graphs`, plus n_frames.
 
     `shape`: fixed (n_node, n_edge) padding for every batch (default: bucketed per batch)."""
+    return summarise(error_totals(potential, graphs, batch_size, variables, error_fn, shape), len(graphs))
+
+
+def error_totals(
+    potential: Potential,
+    graphs: Sequence[jraph.GraphsTuple],
+    batch_size: int = 32,
+    variables: dict | None = None,
+    error_fn=None,
+    shape: tuple[int, int] | None = None,
+) -> dict[str, float]:
+    """Error sums (`mpnn.training.loss.error_sums`) over `graphs`: they add up across
+    processes that each evaluate a share of a set."""
     if error_fn is None:
         potential = potential.covering(graph_cells(graphs))
         error_fn = make_error_fn(potential)
@@ -51,7 +69,7 @@ def evaluate_graphs(
         sums = jax.device_get(error_fn(variables, cast_graph(batch, potential.np_dtype)))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
-    return summarise(totals, len(graphs))
+    return totals
 
 
 def evaluate_file(potential: Potential, path: str, batch_size: int = 32, keys: dict | None = None) -> dict:
@@ -60,6 +78,67 @@ def evaluate_file(potential: Potential, path: str, batch_size: int = 32, keys: d
         validate_frame(frame, need_energy=False, need_forces=False, known_numbers=potential.numbers, min_distance=0.0)
     graphs = [frame_to_graph(f, potential.cutoff, potential.species_index) for f in frames]
     return evaluate_graphs(potential, graphs, batch_size)
+
+
+# key of `predictions` → shape of one entry
+PREDICTION_SHAPES = {
+    "energy_ref": (), "energy_pred": (), "n_atoms": (),
+    "forces_ref": (3,), "forces_pred": (3,),
+    "stress_ref": (3, 3), "stress_pred": (3, 3),
+}
+
+
+def predictions(
+    potential: Potential, graphs: Sequence[jraph.GraphsTuple], batch_size: int = 32, shape: tuple[int, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Reference and predicted values of `graphs` where labelled, in the order of `graphs`:
+
+        energy_ref, energy_pred [n_e] eV/atom, n_atoms [n_e]  frames with an energy label
+        forces_ref, forces_pred [n_f, 3] eV/Å                  atoms of frames with forces
+        stress_ref, stress_pred [n_s, 3, 3] eV/Å³              frames with a stress label
+
+    float64 (n_atoms int64); empty arrays where no frame has the label. Their MAE and
+    RMSE are those of `evaluate_graphs` (in meV). Batching and padding as there.
+    """
+    potential = potential.covering(graph_cells(graphs))
+    parts: dict[str, list[np.ndarray]] = {k: [np.zeros((0, *s))] for k, s in PREDICTION_SHAPES.items()}
+    for batch in iterate_batches(graphs, batch_size, shape=shape):
+        out = jax.device_get(potential.predict_graph(batch))
+        labels = batch.globals  # weights: 0 where a label is missing and on the padding graph
+        n_atoms = np.asarray(batch.n_node)
+        node_graph = np.repeat(np.arange(len(n_atoms)), n_atoms)
+        has_energy = labels["weight_energy"] > 0
+        has_forces = (labels["weight_forces"][node_graph] > 0) & batch.nodes["mask"]
+        has_stress = labels["weight_stress"] > 0
+        parts["n_atoms"].append(n_atoms[has_energy])
+        parts["energy_ref"].append(labels["energy"][has_energy] / n_atoms[has_energy])
+        parts["energy_pred"].append(np.asarray(out["energy"], np.float64)[has_energy] / n_atoms[has_energy])
+        parts["forces_ref"].append(batch.nodes["forces"][has_forces])
+        parts["forces_pred"].append(np.asarray(out["forces"])[has_forces])
+        parts["stress_ref"].append(labels["stress"][has_stress])
+        parts["stress_pred"].append(np.asarray(out["stress"])[has_stress])
+    return {k: np.concatenate(v).astype(np.int64 if k == "n_atoms" else np.float64) for k, v in parts.items()}
+
+
+def save_predictions(
+    path: str | Path,
+    potential: Potential,
+    graphs: Sequence[jraph.GraphsTuple],
+    batch_size: int = 32,
+    shape: tuple[int, int] | None = None,
+) -> Path:
+    """Write `predictions(potential, graphs, batch_size, shape)` to the .npz file `path`
+    atomically (a reader sees the old file or the new one, never a part); returns `path`."""
+    path = Path(path)
+    values = predictions(potential, graphs, batch_size, shape)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **values)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def format_metrics(metrics: dict) -> str:

@@ -208,14 +208,14 @@ def test_non_finite_steps_are_skipped_and_repeated_ones_stop_the_run(cu_file, tm
     import jax.numpy as jnp
 
     from mpnn.config import loss_weights
-    from mpnn.data.graphs import iterate_batches
-    from mpnn.potential import cast_graph
+    from mpnn.training import parallel
     from mpnn.training.loop import _check_bad_steps, setup
 
     s = setup(tiny_train_config(cu_file, tmp_path / "run"))
-    batch = cast_graph(next(iterate_batches(s.train_graphs, 4, shape=s.train_shape)), s.potential.np_dtype)
-    broken = jax.tree_util.tree_map(np.copy, batch)
-    broken.nodes["positions"][0, 0] = np.nan
+    batch, _ = s.batch(s.plan(1)[0])
+    broken = jax.tree_util.tree_map(lambda x: np.array(x[0]), batch)  # the one device's part
+    broken.nodes["positions"][0] = np.nan
+    broken = parallel.global_batch([broken], s.mesh)
     one = np.ones((), s.potential.np_dtype)
     weights = {k: one * v for k, v in loss_weights(s.config.train, 1).items()}
     before = jax.tree_util.tree_map(np.asarray, s.state)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Iterator, Sequence
 
+import jax
 import jraph
 import numpy as np
 
@@ -157,3 +158,62 @@ def iterate_batches(
             yield batch_and_pad(chunk, n_graph=batch_size + 1)
         else:
             yield pad_graph(jraph.batch_np(chunk), shape[0], shape[1], batch_size + 1)
+
+
+def plan_steps(
+    n_node: np.ndarray,
+    n_edge: np.ndarray,
+    order: np.ndarray,
+    n_devices: int = 1,
+    batch_size: int | None = None,
+    max_nodes: int | None = None,
+    max_edges: int | None = None,
+) -> list[list[list[int]]]:
+    """Which graphs go where: `steps[s][d]` lists the graph indices of device d at step s.
+
+    By count (no budgets): each step takes the next `batch_size` graphs of `order` (the
+    global batch) and splits them into `n_devices` contiguous parts of ⌈batch_size /
+    n_devices⌉. By size (`max_nodes` and/or `max_edges`, per device): each device's batch
+    takes graphs of `order` until the next would exceed a budget (or `batch_size` graphs,
+    when given); consecutive device batches form a step, the last step filled with empty
+    ones. Every process computes the same plan from the same sizes and order.
+    """
+    order = [int(i) for i in order]
+    if max_nodes is None and max_edges is None:
+        if batch_size is None:
+            raise ValueError("plan_steps needs batch_size or a node/edge budget")
+        part = -(-batch_size // n_devices)
+        return [
+            [order[first + d * part : min(first + (d + 1) * part, first + batch_size)] for d in range(n_devices)]
+            for first in range(0, len(order), batch_size)
+        ]
+    max_nodes = max_nodes or np.iinfo(np.int64).max
+    max_edges = max_edges or np.iinfo(np.int64).max
+    device_batches, current, nodes, edges = [], [], 0, 0
+    for i in order:
+        full = batch_size is not None and len(current) >= batch_size
+        if current and (full or nodes + n_node[i] > max_nodes or edges + n_edge[i] > max_edges):
+            device_batches.append(current)
+            current, nodes, edges = [], 0, 0
+        current.append(i)
+        nodes, edges = nodes + int(n_node[i]), edges + int(n_edge[i])
+    if current:
+        device_batches.append(current)
+    device_batches += [[] for _ in range(-len(device_batches) % n_devices)]
+    return [device_batches[k : k + n_devices] for k in range(0, len(device_batches), n_devices)]
+
+
+def step_shape(
+    step: list[list[int]], n_node: np.ndarray, n_edge: np.ndarray, per_doubling: int = 8
+) -> tuple[int, int]:
+    """(n_node, n_edge) that fits every device batch of a step, rounded up to the coarse
+    grid of `bucket_size` (a bounded set of shapes, hence of compiled programs)."""
+    nodes = max(int(n_node[batch].sum()) for batch in step) if step else 0
+    edges = max(int(n_edge[batch].sum()) for batch in step) if step else 0
+    return bucket_size(nodes + 1, per_doubling=per_doubling), bucket_size(max(edges, 1), per_doubling=per_doubling)
+
+
+def empty_graph(like: jraph.GraphsTuple) -> jraph.GraphsTuple:
+    """A graph with no nodes or edges and the same fields as `like` (a device with nothing to do this step)."""
+    empty = lambda x: np.zeros((0,) + np.shape(x)[1:], dtype=np.asarray(x).dtype)
+    return jax.tree_util.tree_map(empty, like)

@@ -30,17 +30,19 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from mpnn.config import LOSS_TERMS, Config, loss_weights, save_config
+from mpnn.config import LOSS_TERMS, Config, TrainConfig, loss_weights, save_config
 from mpnn.data.dataset import Splits, e0_from_config, label_warnings, load_splits
 from mpnn.data.frames import DataError, Frame
-from mpnn.data.graphs import fixed_batch_shape, frame_to_graph, iterate_batches
+from mpnn.data.graphs import bucket_size, empty_graph, fixed_batch_shape, frame_to_graph, iterate_batches, pad_graph, plan_steps, step_shape
 from mpnn.data.statistics import average_num_neighbors, fit_e0, forces_rms, residual_per_atom
-from mpnn.evaluate import evaluate_graphs, format_metrics, make_error_fn
+from mpnn.evaluate import error_totals, format_metrics, make_error_fn, save_predictions
 from mpnn.models import MODELS
 from mpnn.potential import CountedJit, Potential, build_potential, cast_graph, energy_and_derivatives, graph_cells
 from mpnn.saved_model import save_model
 from mpnn.training.checkpoint import Checkpointer
-from mpnn.training.loss import METRICS, loss_fn
+from mpnn.training.tensorboard import MetricsWriter
+from mpnn.training import parallel
+from mpnn.training.loss import ERROR_KEYS, METRICS, combine_loss, loss_sums, summarise
 from mpnn.training.optimizer import learning_rate_schedule, make_optimizer
 
 log = logging.getLogger("mpnn")
@@ -105,24 +107,52 @@ def without_fixed_terms(potential: Potential, frames: list[Frame], graphs: list[
     ]
 
 
-def make_train_step(potential: Potential, tx: optax.GradientTransformation, config: Config):
+def make_train_step(potential: Potential, tx: optax.GradientTransformation, config: Config, mesh=None):
+    """The jitted training step.
+
+    Without `mesh` the step takes one padded batch. With a mesh it takes a batch with a
+    leading device axis sharded over the mesh (`parallel.global_batch`) and replicated
+    state: each device sums its loss terms and their normalisers, the normalisers are
+    summed over devices before dividing and the gradients after, so the update equals one
+    device's on the whole global batch.
+    """
     # Terms with a weight in either stage enter the loss; the weights themselves are
     # arguments, so stage two changes them without recompiling.
     used = {k for k in LOSS_TERMS if config.train.stage_two_weights.get(k, 0.0) > 0 or loss_weights(config.train, 1)[k] > 0}
     fixed = {k: v for k, v in potential.variables.items() if k != "model"}
     ema_decay = config.train.ema_decay
     huber_delta = config.train.huber_delta if config.train.loss == "huber" else None
+    axis = None if mesh is None else parallel.AXIS
+
+    def local_loss_and_grads(params, graph, weights):
+        def loss_of(params):
+            pred = energy_and_derivatives(potential, {**fixed, "model": params}, graph)
+            sums = loss_sums(pred, graph, used, huber_delta)
+            if axis is not None:  # the normalisers of the whole global batch
+                sums = {k: (total, jax.lax.psum(count, axis)) for k, (total, count) in sums.items()}
+            return combine_loss(sums, weights)
+
+        loss, grads = jax.value_and_grad(loss_of)(params)
+        if axis is not None:
+            loss, grads = jax.lax.psum((loss, grads), axis)
+        return loss, grads
+
+    loss_and_grads = local_loss_and_grads
+    if mesh is not None:
+        per_device = lambda params, graph, weights: local_loss_and_grads(
+            params, jax.tree_util.tree_map(lambda x: x[0], graph), weights  # this device's [1, ...] block
+        )
+        replicated, split = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(parallel.AXIS)
+        # check_vma off: the psums above are written out, not inferred.
+        loss_and_grads = jax.shard_map(
+            per_device, mesh=mesh, in_specs=(replicated, split, replicated), out_specs=(replicated, replicated), check_vma=False
+        )
 
     def train_step(state: TrainState, graph, lr_scale, weights: dict):
         """(state, padded batch, lr multiplier, loss weights {term: scalar}) → (new state,
         loss, finite). A step whose loss or gradients are not finite changes nothing but
         the step count."""
-
-        def loss_of(params):
-            pred = energy_and_derivatives(potential, {**fixed, "model": params}, graph)
-            return loss_fn(pred, graph, {k: weights[k] for k in used}, huber_delta)
-
-        loss, grads = jax.value_and_grad(loss_of)(state.params)
+        loss, grads = loss_and_grads(state.params, graph, weights)
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         updates = jax.tree_util.tree_map(lambda u: u * lr_scale.astype(u.dtype), updates)
@@ -192,9 +222,12 @@ class Setup:
     state: TrainState
     train_step: CountedJit
     error_fn: CountedJit
-    steps_per_epoch: int
-    train_shape: tuple[int, int]  # (n_node, n_edge) of every training batch
-    eval_shape: tuple[int, int]  # ... and of every evaluation batch
+    steps_per_epoch: int  # by size (train.batch_nodes/batch_edges): epoch 1's; later epochs vary slightly
+    mesh: jax.sharding.Mesh  # the devices of the data-parallel training step
+    train_shape: tuple[int, int] | None  # (n_node, n_edge) of every device's training batch; None: by size, per step
+    graphs_per_device: int  # n_graph of every device's training batch is this + 1 (padding)
+    train_sizes: tuple[np.ndarray, np.ndarray]  # (n_node, n_edge) of each training graph
+    eval_shape: tuple[int, int]  # (n_node, n_edge) of every evaluation batch
     n_parameters: int
 
     @property
@@ -202,14 +235,34 @@ class Setup:
         return self.train_step.n_compiles + self.error_fn.n_compiles
 
     def evaluate(self, graphs, variables: dict | None = None, potential: Potential | None = None) -> dict:
-        """Metrics of `graphs` (default parameters: the potential's)."""
-        return evaluate_graphs(
-            potential or self.potential, graphs, self.config.train.eval_batch_size, variables, self.error_fn, self.eval_shape
+        """Metrics of `graphs` (default parameters: the potential's). With several processes
+        each evaluates its share and the error sums are added: all get the same numbers."""
+        share = graphs[jax.process_index() :: jax.process_count()]
+        totals = error_totals(
+            potential or self.potential, share, self.config.train.eval_batch_size, variables, self.error_fn, self.eval_shape
         )
+        totals = parallel.sum_over_processes({k: totals.get(k, 0.0) for k in ERROR_KEYS})
+        return summarise(totals, len(graphs))
 
     def with_params(self, params: dict) -> Potential:
-        """The potential with other model parameters (EMA, best)."""
-        return self.potential.replace(variables={**self.potential.variables, "model": params})
+        """The potential with other model parameters (EMA, best; replicated ones are
+        taken from this process's first device)."""
+        return self.potential.replace(variables={**self.potential.variables, "model": parallel.to_local(params)})
+
+    def plan(self, epoch: int) -> list[list[list[int]]]:
+        """steps[s][d]: indices into train_graphs of device d's batch at step s of `epoch`."""
+        return epoch_plan(self.config, self.train_sizes, self.mesh.size, epoch)
+
+    def batch(self, step: list[list[int]]) -> tuple[jraph.GraphsTuple, tuple[int, int]]:
+        """The padded batch of a step (leading device axis, sharded over the mesh; this
+        process builds only its own devices' parts) and its (n_node, n_edge) per device."""
+        shape = self.train_shape or step_shape(step, *self.train_sizes)
+        parts = []
+        for slot in parallel.local_device_slots(self.mesh):
+            graphs = [self.train_graphs[i] for i in step[slot]]
+            batch = jraph.batch_np(graphs) if graphs else empty_graph(self.train_graphs[0])
+            parts.append(cast_graph(pad_graph(batch, *shape, self.graphs_per_device + 1), self.potential.np_dtype))
+        return parallel.global_batch(parts, self.mesh), shape
 
 
 def setup(config: Config) -> Setup:
@@ -275,12 +328,14 @@ def setup(config: Config) -> Setup:
     if config.model.pair_repulsion:
         log.info("pair repulsion: %s (%.2f–%.2f Å switch)", config.model.pair_repulsion, config.model.zbl_r_inner, config.model.zbl_r_outer)
 
-    batch_size = config.train.batch_size
-    steps_per_epoch = -(-len(train_graphs) // batch_size)
+    mesh = parallel.make_mesh(config.train.n_devices)
+    train_sizes = (np.array([int(g.n_node[0]) for g in train_graphs]), np.array([int(g.n_edge[0]) for g in train_graphs]))
+    train_shape, graphs_per_device = _training_shapes(config.train, train_graphs, train_sizes, mesh.size)
+    steps_per_epoch = len(epoch_plan(config, train_sizes, mesh.size, 1))
     params = potential.variables["model"]
     tx = make_optimizer(config.train, steps_per_epoch, params)
     state = TrainState(params, tx.init(params), params, params, jnp.array(0))
-    state = jax.tree_util.tree_map(jnp.array, state)  # own copies: the step donates its input
+    state = parallel.replicate(state, mesh)  # own copies on every device: the step donates its input
     return Setup(
         config=config,
         splits=splits,
@@ -292,23 +347,68 @@ def setup(config: Config) -> Setup:
         optimizer=tx,
         schedule=learning_rate_schedule(config.train, steps_per_epoch),
         state=state,
-        train_step=make_train_step(potential, tx, config),
+        train_step=make_train_step(potential, tx, config, mesh),
         error_fn=make_error_fn(potential),
         steps_per_epoch=steps_per_epoch,
-        # One padded shape for all training batches and one for all evaluation: two compilations.
-        train_shape=fixed_batch_shape(train_graphs, batch_size),
+        mesh=mesh,
+        # By count, one padded shape for all training batches and one for all evaluation:
+        # two compilations. By size, a few shapes of the bucket grid.
+        train_shape=train_shape,
+        graphs_per_device=graphs_per_device,
+        train_sizes=train_sizes,
         eval_shape=fixed_batch_shape(train_graphs + valid_graphs + test_graphs, config.train.eval_batch_size),
         n_parameters=sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)),
     )
 
 
+def epoch_plan(config: Config, train_sizes: tuple[np.ndarray, np.ndarray], n_devices: int, epoch: int) -> list[list[list[int]]]:
+    """steps[s][d]: indices of the training graphs of device d at step s of `epoch`, in an
+    order shuffled by a seed derived from the epoch alone (a resumed run, and every
+    process of a distributed one, computes the same plan)."""
+    train = config.train
+    order = np.random.default_rng(config.seed * 100_003 + epoch).permutation(len(train_sizes[0]))
+    by_size = train.batch_nodes is not None or train.batch_edges is not None
+    return plan_steps(*train_sizes, order, n_devices, None if by_size else train.batch_size, train.batch_nodes, train.batch_edges)
+
+
+def _training_shapes(
+    train: TrainConfig, graphs: list[jraph.GraphsTuple], sizes: tuple[np.ndarray, np.ndarray], n_devices: int
+) -> tuple[tuple[int, int] | None, int]:
+    """(fixed (n_node, n_edge) per device batch or None when batching by size, graphs per
+    device batch at most). By size, a frame larger than a budget gets a batch of its own."""
+    n_node, n_edge = sizes
+    if train.batch_nodes is None and train.batch_edges is None:
+        per_device = -(-train.batch_size // n_devices)
+        return fixed_batch_shape(graphs, per_device), per_device
+    for key, largest in (("batch_nodes", int(n_node.max())), ("batch_edges", int(n_edge.max()))):
+        budget = getattr(train, key)
+        if budget is not None and budget < largest:
+            log.warning("train.%s=%d is below the largest training frame (%d): such frames go alone in larger batches", key, budget, largest)
+    bounds = [len(graphs)]
+    if train.batch_nodes is not None:
+        bounds.append(train.batch_nodes // max(int(n_node.min()), 1))
+    if train.batch_edges is not None and int(n_edge.min()) > 0:
+        bounds.append(train.batch_edges // int(n_edge.min()))
+    return None, bucket_size(min(bounds), per_doubling=1)
+
+
 def train(config: Config) -> dict:
-    """Train as configured; returns the results dict also written to RUN/results.json."""
-    run_dir = _prepare_run_dir(config)
-    save_config(config, run_dir / "config.yaml")
+    """Train as configured; returns the results dict also written to RUN/results.json.
+
+    On several processes (run.distributed) every process runs this; the first one writes
+    the run folder's files, all take part in the checkpoints."""
+    primary = jax.process_index() == 0
+    if primary:
+        run_dir = _prepare_run_dir(config)
+        save_config(config, run_dir / "config.yaml")
+    _barrier("run folder ready")
+    run_dir = Path(config.run.dir)
     s = setup(config)
     config = s.config  # fine-tuning takes the saved model's model section
-    log.info("model %s: %d parameters", config.model.name, s.n_parameters)
+    log.info(
+        "model %s: %d parameters; %d device(s) (%s) in %d process(es)",
+        config.model.name, s.n_parameters, s.mesh.size, s.mesh.devices.flat[0].platform, jax.process_count(),
+    )
     state = s.state
     # epoch: last completed epoch; batches_done: steps already taken in epoch + 1 (a stop mid-epoch)
     meta = {
@@ -317,30 +417,39 @@ def train(config: Config) -> dict:
         "lr_scale": 1.0, "plateau_best": None, "stale_epochs": 0, "plateau_epochs": 0, "skipped_steps": 0,
     }
 
+    def write_row(row: dict) -> None:
+        if primary:
+            _append_metrics(run_dir / "metrics.csv", row)
+            tensorboard.write(row, step=row["step"])
+
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
     if config.run.resume and checkpointer.latest_step() is not None:
         defaults = dict(meta)
         state, meta = checkpointer.restore(checkpointer.latest_step(), state)
         meta = {**defaults, **meta}  # checkpoints of older versions lack the newer keys
-        _truncate_metrics(run_dir / "metrics.csv", meta["epoch"])
-        # model/ may be ahead of the checkpoint (killed between the two writes): make them agree.
-        save_model(s.with_params(state.best), run_dir / "model")
+        if primary:
+            _truncate_metrics(run_dir / "metrics.csv", meta["epoch"])
+            # model/ may be ahead of the checkpoint (killed between the two writes): make them agree.
+            save_model(s.with_params(state.best), run_dir / "model")
         log.info("resumed after epoch %d + %d steps (%.0f s trained)", meta["epoch"], meta["batches_done"], meta["elapsed"])
     elif config.run.resume:
         log.warning("%s: no checkpoint to resume from; starting from scratch", run_dir)
-        (run_dir / "metrics.csv").unlink(missing_ok=True)
+        if primary:
+            (run_dir / "metrics.csv").unlink(missing_ok=True)
 
+    # A resumed run writes again the rows after its checkpoint (a partly done epoch's too):
+    # TensorBoard hides the earlier events from that step on.
+    purge_step = int(state.step) + (meta["batches_done"] == 0) if meta["epoch"] or meta["batches_done"] else 0
+    tensorboard = MetricsWriter(run_dir, purge_step=purge_step if config.run.resume else None) if primary else None
     eval_graphs = s.valid_graphs or s.train_graphs  # no validation set: select on training error
     dtype = s.potential.np_dtype
     max_time = config.train.max_time
-    batch_size = config.train.batch_size
 
     if meta["epoch"] == 0 and meta["batches_done"] == 0:
         # Epoch 0: the untrained model, the baseline every later row is compared with.
         compiles_before = s.n_compiles
-        initial = s.evaluate(eval_graphs, {**s.potential.variables, "model": state.ema})
-        row = _metrics_row(0, 0, 0.0, 0.0, float(s.schedule(0)), float("nan"), initial, s.n_compiles - compiles_before)
-        _append_metrics(run_dir / "metrics.csv", row)
+        initial = s.evaluate(eval_graphs, potential=s.with_params(state.ema))
+        write_row(_metrics_row(0, 0, 0.0, 0.0, float(s.schedule(0)), float("nan"), initial, s.n_compiles - compiles_before, (0.0, 0.0)))
         log.info("epoch 0 (untrained)  valid %s", format_metrics(initial))
 
     # --- epochs -----------------------------------------------------------------------
@@ -353,30 +462,34 @@ def train(config: Config) -> dict:
         epoch_start = time.perf_counter()
         compiles_before = s.n_compiles
         skip = meta["batches_done"] if epoch == meta["epoch"] + 1 else 0
-        batches = iterate_batches(
-            s.train_graphs, batch_size, shuffle=True, seed=config.seed * 100_003 + epoch, shape=s.train_shape, start=skip
-        )
-        bar = tqdm(batches, total=s.steps_per_epoch - skip, desc=f"epoch {epoch}", disable=not config.train.progress, leave=False)
+        plan = s.plan(epoch)
+        show = config.train.progress and primary
+        bar = tqdm(plan[skip:], desc=f"epoch {epoch}", disable=not show, leave=False)
         losses, finite = [], []
+        real, padded = np.zeros(2), np.zeros(2)  # (nodes, edges) of the training batches
         lr_scale = jnp.asarray(meta["lr_scale"], dtype)
         weights = {k: jnp.asarray(v, dtype) for k, v in loss_weights(config.train, epoch).items()}
         if epoch == config.train.stage_two_epoch:
             log.info("stage two from epoch %d: loss weights %s", epoch, loss_weights(config.train, epoch))
-        for batch in bar:
-            state, loss, ok = s.train_step(state, cast_graph(batch, dtype), lr_scale, weights)
+        for step in bar:
+            batch, shape = s.batch(step)
+            state, loss, ok = s.train_step(state, batch, lr_scale, weights)
             losses.append(loss)
             finite.append(ok)
+            members = [i for device in step for i in device]
+            real += (s.train_sizes[0][members].sum(), s.train_sizes[1][members].sum())
+            padded += (len(step) * shape[0], len(step) * shape[1])
             if len(losses) % 10 == 0:
                 _check_bad_steps(finite, epoch, config.train.max_bad_steps)
                 recent, ok_recent = jax.device_get((losses[-10:], finite[-10:]))
                 bar.set_postfix(loss=f"{np.mean(np.asarray(recent)[np.asarray(ok_recent)]) if any(ok_recent) else float('nan'):.4g}")
-            if max_time is not None and time.perf_counter() - start_time >= max_time:
+            if max_time is not None and _elapsed_everywhere(start_time) >= max_time:
                 out_of_time = True
                 break
         bar.close()
         _check_bad_steps(finite, epoch, config.train.max_bad_steps)
         batches_done = skip + len(losses)
-        finished = batches_done >= s.steps_per_epoch
+        finished = batches_done >= len(plan)
         finite = np.asarray(jax.device_get(finite), bool)
         good_losses = np.asarray(jax.device_get(losses))[finite] if losses else np.zeros(0)
         train_loss = float(np.mean(good_losses)) if len(good_losses) else float("nan")
@@ -384,8 +497,9 @@ def train(config: Config) -> dict:
             meta["skipped_steps"] += int((~finite).sum())
             log.warning("epoch %d: skipped %d steps with a non-finite loss or gradients", epoch, int((~finite).sum()))
         train_time = time.perf_counter() - epoch_start
+        padding = tuple(1.0 - real / np.maximum(padded, 1))
 
-        valid_metrics = s.evaluate(eval_graphs, {**s.potential.variables, "model": state.ema})
+        valid_metrics = s.evaluate(eval_graphs, potential=s.with_params(state.ema))
         score = _selection_score(valid_metrics, config)
         improved = meta["best_valid"] is None or score < meta["best_valid"]
         if improved:
@@ -399,16 +513,17 @@ def train(config: Config) -> dict:
         )
         row = _metrics_row(
             epoch, int(state.step), meta["elapsed"], train_time, float(s.schedule(int(state.step))) * float(lr_scale), train_loss,
-            valid_metrics, s.n_compiles - compiles_before,
+            valid_metrics, s.n_compiles - compiles_before, padding,
         )
-        _append_metrics(run_dir / "metrics.csv", row)
+        write_row(row)
         log.info(
-            "epoch %d%s  loss %.4g  valid %s  (%.1f s, %d compiles)", epoch, "" if finished else f" (stopped after {batches_done} steps)",
-            train_loss, format_metrics(valid_metrics), train_time, row["n_compiles"],
+            "epoch %d%s  loss %.4g  valid %s  (%.1f s, %d compiles, padding %.0f%% nodes %.0f%% edges)", epoch,
+            "" if finished else f" (stopped after {batches_done} steps)", train_loss, format_metrics(valid_metrics), train_time,
+            row["n_compiles"], 100 * padding[0], 100 * padding[1],
         )
         # model/ first, then the checkpoint: a kill in between leaves a checkpoint whose best
         # parameters resume re-saves into model/.
-        if improved:
+        if improved and primary:
             save_model(s.with_params(state.best), run_dir / "model")
         last = epoch == config.train.max_epochs or out_of_time or stop_early
         if not finished or epoch % config.train.checkpoint_every == 0 or last:
@@ -419,10 +534,12 @@ def train(config: Config) -> dict:
             log.info("stopping early: no validation improvement for %d epochs (train.patience)", meta["stale_epochs"])
             break
     checkpointer.close()
+    if primary:
+        tensorboard.close()
 
     # --- final evaluation with the best EMA parameters ---------------------------------
     best = s.with_params(state.best)
-    if not (run_dir / "model").exists():
+    if primary and not (run_dir / "model").exists():
         save_model(best, run_dir / "model")
     results = {
         "valid": s.evaluate(s.valid_graphs, potential=best) if s.valid_graphs else None,
@@ -431,9 +548,35 @@ def train(config: Config) -> dict:
         "epochs": meta["epoch"] + meta["batches_done"] / s.steps_per_epoch,
         "train_time_s": round(meta["elapsed"], 2),
         "n_parameters": s.n_parameters,
+        "n_devices": s.mesh.size,
+        "n_processes": jax.process_count(),
     }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if primary:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        if s.test_graphs:  # parity data of `python -m mpnn.plot`; a host copy of the parameters: one process computes
+            local_best = best.replace(variables=jax.device_get(best.variables))
+            save_predictions(run_dir / "test_predictions.npz", local_best, s.test_graphs, config.train.eval_batch_size, s.eval_shape)
+    _barrier("run finished")
     return results
+
+
+def _barrier(name: str) -> None:
+    """Wait for every process (no-op with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _elapsed_everywhere(start_time: float) -> float:
+    """Seconds since `start_time`; with several processes the first one's, so that all
+    stop at the same step."""
+    elapsed = time.perf_counter() - start_time
+    if jax.process_count() == 1:
+        return elapsed
+    from jax.experimental import multihost_utils
+
+    return float(multihost_utils.broadcast_one_to_all(np.float32(elapsed)))
 
 
 def _check_bad_steps(finite: list, epoch: int, max_bad: int) -> None:
@@ -463,7 +606,7 @@ def _plateau_and_patience(meta: dict, score: float, config: Config) -> bool:
     return train.patience is not None and meta["stale_epochs"] >= train.patience
 
 
-def _metrics_row(epoch, step, elapsed, train_time, lr, train_loss, valid_metrics, n_compiles) -> dict:
+def _metrics_row(epoch, step, elapsed, train_time, lr, train_loss, valid_metrics, n_compiles, padding) -> dict:
     return {
         "epoch": epoch,
         "step": step,
@@ -473,6 +616,9 @@ def _metrics_row(epoch, step, elapsed, train_time, lr, train_loss, valid_metrics
         "train_loss": train_loss,
         **{f"valid_{k}": ("" if valid_metrics[k] is None else valid_metrics[k]) for k in METRICS},
         "n_compiles": n_compiles,
+        # fraction of the training batches' nodes and edges that were padding
+        "padding_nodes": round(float(padding[0]), 4),
+        "padding_edges": round(float(padding[1]), 4),
     }
 
 

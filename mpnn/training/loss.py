@@ -35,23 +35,47 @@ def weighted_mse(error: jnp.ndarray, weight: jnp.ndarray) -> jnp.ndarray:
     return jnp.sum(weight * error**2) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def weighted_huber(error: jnp.ndarray, weight: jnp.ndarray, delta: float) -> jnp.ndarray:
-    """Like `weighted_mse` below |error| = delta (e²), linear above (2δ|e| − δ²): outliers
-    pull less."""
+def huber(error: jnp.ndarray, delta: float) -> jnp.ndarray:
+    """Elementwise e² below |e| = delta, linear above (2δ|e| − δ²): outliers pull less."""
     abs_error = jnp.abs(error)
-    huber = jnp.where(abs_error <= delta, error**2, 2 * delta * abs_error - delta**2)
-    return jnp.sum(weight * huber) / jnp.maximum(jnp.sum(weight), 1.0)
+    return jnp.where(abs_error <= delta, error**2, 2 * delta * abs_error - delta**2)
+
+
+def weighted_huber(error: jnp.ndarray, weight: jnp.ndarray, delta: float) -> jnp.ndarray:
+    """Like `weighted_mse` with `huber` in place of e²."""
+    return jnp.sum(weight * huber(error, delta)) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def loss_sums(pred: dict, graph: jraph.GraphsTuple, terms, huber_delta: float | None = None) -> dict[str, tuple]:
+    """{term: (Σ w·e², Σ w)} for each term in `terms` (or Σ w·huber(e) with `huber_delta`).
+    Kept apart so that several devices can add their sums before dividing."""
+    res = residuals(pred, graph)
+    out = {}
+    for k in terms:
+        if k not in res:
+            continue
+        error, weight = res[k]
+        per_entry = error**2 if huber_delta is None else huber(error, huber_delta)
+        out[k] = (jnp.sum(weight * per_entry), jnp.sum(weight))
+    return out
+
+
+def combine_loss(sums: dict[str, tuple], weights: dict) -> jnp.ndarray:
+    """Σ_k w_k · (Σ w·e²)_k / max((Σ w)_k, 1): the weighted mean of each term."""
+    return sum(weights[k] * total / jnp.maximum(count, 1.0) for k, (total, count) in sums.items())
 
 
 def loss_fn(pred: dict, graph: jraph.GraphsTuple, weights: dict[str, float], huber_delta: float | None = None) -> jnp.ndarray:
     """Σ_k w_k · MSE_k over energy per atom (eV/atom)², force components (eV/Å)², stress
     (eV/Å³)², and with learned charges dipole components (e·Å)² and charges e²; with
-    `huber_delta` the Huber form of each (`weighted_huber`). Terms absent from `weights`
-    are left out; the weights may be traced values (they change between training stages)."""
-    res = residuals(pred, graph)
-    if huber_delta is None:
-        return sum(weights[k] * weighted_mse(*res[k]) for k in res if k in weights)
-    return sum(weights[k] * weighted_huber(*res[k], huber_delta) for k in res if k in weights)
+    `huber_delta` the Huber form of each (quadratic below |error| = delta, linear above:
+    outliers pull less). Terms absent from `weights` are left out; the weights may be
+    traced values (they change between training stages)."""
+    return combine_loss(loss_sums(pred, graph, weights, huber_delta), weights)
+
+
+# The keys of `error_sums` for a potential with every output (learned charges included).
+ERROR_KEYS = tuple(f"{q}_{kind}" for q in ("energy", "forces", "stress", "dipole", "charges") for kind in ("abs", "sq", "n"))
 
 
 def error_sums(pred: dict, graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:
