@@ -119,7 +119,8 @@ class TrainConfig:
     # Devices: batch_size is the global batch (graphs per optimiser step), split over
     # n_devices per process (null: every local device). Batching by size instead: each
     # device's batch is filled up to batch_nodes atoms and batch_edges edges (either or
-    # both; batch_size is then not used for training).
+    # both; batch_size is then not used for training). With both budgets every batch has one
+    # padded shape (one compiled program); with one, the other dimension is bucketed.
     n_devices: int | None = None
     batch_nodes: int | None = None
     batch_edges: int | None = None

@@ -168,15 +168,17 @@ def plan_steps(
     batch_size: int | None = None,
     max_nodes: int | None = None,
     max_edges: int | None = None,
+    open_window: int = 8,
 ) -> list[list[list[int]]]:
     """Which graphs go where: `steps[s][d]` lists the graph indices of device d at step s.
 
     By count (no budgets): each step takes the next `batch_size` graphs of `order` (the
     global batch) and splits them into `n_devices` contiguous parts of ⌈batch_size /
-    n_devices⌉. By size (`max_nodes` and/or `max_edges`, per device): each device's batch
-    takes graphs of `order` until the next would exceed a budget (or `batch_size` graphs,
-    when given); consecutive device batches form a step, the last step filled with empty
-    ones. Every process computes the same plan from the same sizes and order.
+    n_devices⌉. By size (`max_nodes` and/or `max_edges`, per device): graphs are taken in
+    `order` and put into the first of `open_window` open batches with room left under both
+    budgets (and under `batch_size` graphs, when given); consecutive device batches form a
+    step, the last step filled with empty ones. Every process computes the same plan
+    from the same sizes and order.
     """
     order = [int(i) for i in order]
     if max_nodes is None and max_edges is None:
@@ -189,28 +191,41 @@ def plan_steps(
         ]
     max_nodes = max_nodes or np.iinfo(np.int64).max
     max_edges = max_edges or np.iinfo(np.int64).max
-    device_batches, current, nodes, edges = [], [], 0, 0
+    # First fit over a few open batches: a graph that does not fit one goes into the next
+    # (a small frame fills the gap a large one left); the oldest closes when too many are open.
+    device_batches, open_batches = [], []  # open: [indices, nodes, edges]
     for i in order:
-        full = batch_size is not None and len(current) >= batch_size
-        if current and (full or nodes + n_node[i] > max_nodes or edges + n_edge[i] > max_edges):
-            device_batches.append(current)
-            current, nodes, edges = [], 0, 0
-        current.append(i)
-        nodes, edges = nodes + int(n_node[i]), edges + int(n_edge[i])
-    if current:
-        device_batches.append(current)
+        for batch in open_batches:
+            fits = batch[1] + n_node[i] <= max_nodes and batch[2] + n_edge[i] <= max_edges
+            if fits and (batch_size is None or len(batch[0]) < batch_size):
+                batch[0].append(i)
+                batch[1], batch[2] = batch[1] + int(n_node[i]), batch[2] + int(n_edge[i])
+                break
+        else:
+            if len(open_batches) == open_window:
+                device_batches.append(open_batches.pop(0)[0])
+            open_batches.append([[i], int(n_node[i]), int(n_edge[i])])
+    device_batches += [batch[0] for batch in open_batches]
     device_batches += [[] for _ in range(-len(device_batches) % n_devices)]
     return [device_batches[k : k + n_devices] for k in range(0, len(device_batches), n_devices)]
 
 
 def step_shape(
-    step: list[list[int]], n_node: np.ndarray, n_edge: np.ndarray, per_doubling: int = 8
+    step: list[list[int]],
+    n_node: np.ndarray,
+    n_edge: np.ndarray,
+    max_nodes: int | None = None,
+    max_edges: int | None = None,
+    per_doubling: int = 4,
 ) -> tuple[int, int]:
-    """(n_node, n_edge) that fits every device batch of a step, rounded up to the coarse
-    grid of `bucket_size` (a bounded set of shapes, hence of compiled programs)."""
+    """(n_node, n_edge) that fits every device batch of a step: the budget itself where
+    one is given (one shape, one compiled program, whatever the step holds), else the
+    coarse grid of `bucket_size`; a frame larger than a budget gets a bucketed shape."""
     nodes = max(int(n_node[batch].sum()) for batch in step) if step else 0
     edges = max(int(n_edge[batch].sum()) for batch in step) if step else 0
-    return bucket_size(nodes + 1, per_doubling=per_doubling), bucket_size(max(edges, 1), per_doubling=per_doubling)
+    node_shape = max_nodes + 1 if max_nodes is not None and nodes <= max_nodes else bucket_size(nodes + 1, per_doubling=per_doubling)
+    edge_shape = max_edges if max_edges is not None and edges <= max_edges else bucket_size(max(edges, 1), per_doubling=per_doubling)
+    return node_shape, edge_shape
 
 
 def empty_graph(like: jraph.GraphsTuple) -> jraph.GraphsTuple:

@@ -256,7 +256,8 @@ class Setup:
     def batch(self, step: list[list[int]]) -> tuple[jraph.GraphsTuple, tuple[int, int]]:
         """The padded batch of a step (leading device axis, sharded over the mesh; this
         process builds only its own devices' parts) and its (n_node, n_edge) per device."""
-        shape = self.train_shape or step_shape(step, *self.train_sizes)
+        train = self.config.train
+        shape = self.train_shape or step_shape(step, *self.train_sizes, train.batch_nodes, train.batch_edges)
         parts = []
         for slot in parallel.local_device_slots(self.mesh):
             graphs = [self.train_graphs[i] for i in step[slot]]
