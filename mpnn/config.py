@@ -36,6 +36,10 @@ class DataConfig:
     stress_key: str = "stress"  # eV/Å³ (ASE sign), Voigt-6 or 3x3
     virial_key: str = "virial"  # eV, used when no stress is present: stress = -virial / V
     min_distance: float = 0.5  # Å; closer pairs are rejected as broken input
+    # Datasets larger than memory: preprocess each file (a file, folder or glob) once into
+    # an HDF5 cache in this folder (keyed by content, cutoff and label keys; reused across
+    # runs) and read training batches from disk on a background thread. null: in memory.
+    cache_dir: str | None = None
 
 
 @dataclass

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from mpnn.config import save_config
+from mpnn.data.cache import build_cache
 from mpnn.data.graphs import plan_steps
 from tests.conftest import emt_cu_frames, tiny_train_config
 from tests.test_training import read_metrics
@@ -166,3 +167,24 @@ def test_mixed_sizes_batched_by_budget_pad_little_and_compile_few_programs(tmp_p
         assert float(row["padding_nodes"]) < 0.3 and float(row["padding_edges"]) < 0.3, row
     assert [int(r["n_compiles"]) for r in rows] == [1, 0, 0]  # both budgets: one padded shape
     assert float(rows[-1]["valid_forces_mae_mev_A"]) < float(read_metrics(tmp_path / "run")[0]["valid_forces_mae_mev_A"])
+
+
+# --- datasets larger than memory ---------------------------------------------------------------
+
+
+def test_training_from_the_disk_cache_equals_training_in_memory(cu_file, tmp_path):
+    """data.cache_dir: same split, statistics, batches and so the same run; the cache is
+    built once and reused by the next run."""
+    from mpnn.training.loop import train
+
+    settings = {"train.max_epochs": 2}
+    in_memory = train(tiny_train_config(cu_file, tmp_path / "memory", **settings))
+    cached = train(tiny_train_config(cu_file, tmp_path / "cached", **settings, **{"data.cache_dir": str(tmp_path / "cache")}))
+    for split in ("valid", "test"):
+        for key in ("energy_mae_mev_atom", "forces_mae_mev_A", "stress_mae_mev_A3"):
+            assert cached[split][key] == pytest.approx(in_memory[split][key], rel=1e-5), (split, key)
+    (cache_file,) = (tmp_path / "cache").glob("*.h5")
+    built = cache_file.stat().st_mtime_ns
+    cutoff = tiny_train_config(cu_file, tmp_path).model.cutoff
+    assert build_cache(cu_file, cutoff, tmp_path / "cache", progress=False) == cache_file  # what the next run opens
+    assert cache_file.stat().st_mtime_ns == built

@@ -126,14 +126,30 @@ def batch_and_pad(
     return pad_graph(batch, n_node, n_edge, n_graph or len(graphs) + 1)
 
 
+def graph_sizes(graphs: Sequence[jraph.GraphsTuple]) -> tuple[np.ndarray, np.ndarray]:
+    """(n_node, n_edge) of each graph; a `CachedDataset` gives its stored sizes (reads no graph)."""
+    if hasattr(graphs, "n_node"):
+        return np.asarray(graphs.n_node), np.asarray(graphs.n_edge)
+    return np.array([int(g.n_node.sum()) for g in graphs], dtype=int), np.array([int(g.n_edge.sum()) for g in graphs], dtype=int)
+
+
+def batch_of(graphs: Sequence[jraph.GraphsTuple], indices: Sequence[int]) -> jraph.GraphsTuple:
+    """The graphs at `indices` as one unpadded batch (a `CachedDataset` reads them in one
+    go); no indices: an empty graph with the same fields."""
+    if hasattr(graphs, "batch"):
+        return graphs.batch(indices)
+    if len(indices) == 0:
+        return empty_graph(graphs[0])
+    return jraph.batch_np([graphs[int(i)] for i in indices])
+
+
 def fixed_batch_shape(graphs: Sequence[jraph.GraphsTuple], batch_size: int) -> tuple[int, int]:
     """(n_node, n_edge) that fits any `batch_size` graphs of `graphs`: one shape, one compile.
 
     Sized from the largest graph, so datasets of similar-sized frames waste little padding.
     """
-    max_nodes = max(int(g.n_node.sum()) for g in graphs)
-    max_edges = max(int(g.n_edge.sum()) for g in graphs)
-    return bucket_size(batch_size * max_nodes + 1), bucket_size(max(batch_size * max_edges, 1))
+    n_node, n_edge = graph_sizes(graphs)
+    return bucket_size(batch_size * int(n_node.max()) + 1), bucket_size(max(batch_size * int(n_edge.max()), 1))
 
 
 def iterate_batches(
@@ -153,11 +169,9 @@ def iterate_batches(
     """
     order = np.random.default_rng(seed).permutation(len(graphs)) if shuffle else np.arange(len(graphs))
     for first in range(start * batch_size, len(graphs), batch_size):
-        chunk = [graphs[i] for i in order[first : first + batch_size]]
-        if shape is None:
-            yield batch_and_pad(chunk, n_graph=batch_size + 1)
-        else:
-            yield pad_graph(jraph.batch_np(chunk), shape[0], shape[1], batch_size + 1)
+        batch = batch_of(graphs, order[first : first + batch_size])
+        n_node, n_edge = shape or (bucket_size(int(batch.n_node.sum()) + 1), bucket_size(int(batch.n_edge.sum())))
+        yield pad_graph(batch, n_node, n_edge, batch_size + 1)
 
 
 def plan_steps(

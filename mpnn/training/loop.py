@@ -21,6 +21,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
 import flax.struct
 import jax
@@ -33,8 +34,10 @@ from tqdm.auto import tqdm
 from mpnn.config import LOSS_TERMS, Config, TrainConfig, loss_weights, save_config
 from mpnn.data.dataset import Splits, e0_from_config, label_warnings, load_splits
 from mpnn.data.frames import DataError, Frame
-from mpnn.data.graphs import bucket_size, empty_graph, fixed_batch_shape, frame_to_graph, iterate_batches, pad_graph, plan_steps, step_shape
-from mpnn.data.statistics import average_num_neighbors, fit_e0, forces_rms, residual_per_atom
+from mpnn.data.graphs import (
+    batch_of, bucket_size, fixed_batch_shape, frame_to_graph, graph_sizes, iterate_batches, pad_graph, plan_steps, step_shape,
+)
+from mpnn.data import cache, statistics
 from mpnn.evaluate import error_totals, format_metrics, make_error_fn, save_predictions
 from mpnn.models import MODELS
 from mpnn.potential import CountedJit, Potential, build_potential, cast_graph, energy_and_derivatives, graph_cells
@@ -57,26 +60,28 @@ class TrainState:
     step: jnp.ndarray
 
 
-def energy_scaling(config: Config, frames: list[Frame], numbers: list[int]) -> tuple[np.ndarray, float, float]:
+def energy_scaling(config: Config, frames, numbers: list[int], stats=statistics) -> tuple[np.ndarray, float, float]:
     """E0 per element, scale and shift from the training frames (see README, "Energy scaling").
+    `frames`: a list of Frames (`stats` = `mpnn.data.statistics`) or a `CachedDataset`
+    (`stats` = `mpnn.data.cache`, which streams the same statistics from disk).
 
     With fitted E0 the mean residual is zero by construction, so shift = 0 and a lone
     atom's energy is exactly its E0. With E0 given, shift = mean residual per atom.
     """
     model = config.model
     if model.e0 == "fit":
-        e0, shift = fit_e0(frames, numbers), 0.0
+        e0, shift = stats.fit_e0(frames, numbers), 0.0
     elif isinstance(model.e0, dict):
         e0 = e0_from_config(model.e0, numbers)
-        shift = float(np.mean(residual_per_atom(frames, e0, numbers)))
+        shift = float(np.mean(stats.residual_per_atom(frames, e0, numbers)))
     else:
         raise ValueError(f"model.e0 must be 'fit' or a mapping element → eV, got {model.e0!r}")
     if isinstance(model.scale, float):
         scale = model.scale
     elif model.scale == "forces_rms":
-        scale = forces_rms(frames)
+        scale = stats.forces_rms(frames)
     elif model.scale == "energy_std":
-        scale = float(np.std(residual_per_atom(frames, e0, numbers)))
+        scale = float(np.std(stats.residual_per_atom(frames, e0, numbers)))
     else:
         raise ValueError(f"model.scale must be a number, 'forces_rms' or 'energy_std', got {model.scale!r}")
     return e0, (scale if scale > 0 else 1.0), shift
@@ -211,11 +216,12 @@ class Setup:
     """Everything a training run needs before its first step."""
 
     config: Config
-    splits: Splits
+    splits: Splits | None  # the frames (None with data.cache_dir)
     numbers: list[int]
-    train_graphs: list[jraph.GraphsTuple]
-    valid_graphs: list[jraph.GraphsTuple]
-    test_graphs: list[jraph.GraphsTuple]
+    # lists of graphs, or `CachedDataset`s (data.cache_dir) that read them from disk
+    train_graphs: Sequence[jraph.GraphsTuple]
+    valid_graphs: Sequence[jraph.GraphsTuple]
+    test_graphs: Sequence[jraph.GraphsTuple]
     potential: Potential
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
@@ -260,8 +266,7 @@ class Setup:
         shape = self.train_shape or step_shape(step, *self.train_sizes, train.batch_nodes, train.batch_edges)
         parts = []
         for slot in parallel.local_device_slots(self.mesh):
-            graphs = [self.train_graphs[i] for i in step[slot]]
-            batch = jraph.batch_np(graphs) if graphs else empty_graph(self.train_graphs[0])
+            batch = batch_of(self.train_graphs, step[slot])
             parts.append(cast_graph(pad_graph(batch, *shape, self.graphs_per_device + 1), self.potential.np_dtype))
         return parallel.global_batch(parts, self.mesh), shape
 
@@ -284,34 +289,44 @@ def setup(config: Config) -> Setup:
             log.warning("train.init_from: the model section of this config is replaced by the saved model's")
         config = dataclasses.replace(config, model=saved_model)
         log.info("fine-tuning from %s (%s, elements %s)", config.train.init_from, config.model.name, list(base.numbers))
-    splits = load_splits(config.data, config.train, known_numbers=list(base.numbers) if base else None)
-    for message in label_warnings(splits, config.data, config.train):
-        log.warning(message)
-    if config.model.long_range:
-        for frame in [*splits.train, *splits.valid, *splits.test]:
-            if frame.pbc.any() and not frame.pbc.all():
-                raise DataError(
-                    f"{frame.source}: pbc={frame.pbc.tolist()}; model.long_range needs frames periodic in all three "
-                    "directions or none"
-                )
-    numbers = list(base.numbers) if base else splits.numbers
-    species_index = {z: k for k, z in enumerate(numbers)}
-    to_graphs = lambda frames: [frame_to_graph(f, config.model.cutoff, species_index) for f in frames]
-    train_graphs, valid_graphs, test_graphs = to_graphs(splits.train), to_graphs(splits.valid), to_graphs(splits.test)
+    known = list(base.numbers) if base else None
+    if config.data.cache_dir:  # graphs read from an HDF5 cache on disk, batch by batch
+        splits = None
+        train_graphs, valid_graphs, test_graphs, seen_numbers = _cached_splits(config, known)
+        numbers = known or seen_numbers
+        stats = cache  # the statistics below, streamed from the cache
+    else:
+        splits = load_splits(config.data, config.train, known_numbers=known)
+        for message in label_warnings(splits, config.data, config.train):
+            log.warning(message)
+        if config.model.long_range:
+            for frame in [*splits.train, *splits.valid, *splits.test]:
+                if frame.pbc.any() and not frame.pbc.all():
+                    raise DataError(
+                        f"{frame.source}: pbc={frame.pbc.tolist()}; model.long_range needs frames periodic in all three "
+                        "directions or none"
+                    )
+        seen_numbers = splits.numbers
+        numbers = known or seen_numbers
+        species_index = {z: k for k, z in enumerate(numbers)}
+        to_graphs = lambda frames: [frame_to_graph(f, config.model.cutoff, species_index) for f in frames]
+        train_graphs, valid_graphs, test_graphs = to_graphs(splits.train), to_graphs(splits.valid), to_graphs(splits.test)
+        stats = statistics
     if base:
         potential = base.replace(config=config)
         avg_neighbors = float(base.model.avg_num_neighbors)
     else:
-        avg_neighbors = average_num_neighbors(train_graphs)
+        avg_neighbors = stats.average_num_neighbors(train_graphs)
         potential = build_potential(config.model, numbers, avg_neighbors, seed=config.seed, config=config)
         fit_statistics = MODELS[config.model.name].fit_statistics
         if fit_statistics is not None:  # e.g. BPNN's descriptor standardisation
             model_params = fit_statistics(potential.model, potential.variables["model"], train_graphs)
             potential = potential.replace(variables={**potential.variables, "model": model_params})
     # The learned term fits what the fixed terms (ZBL) leave: its statistics come from that.
-    e0, scale, shift = energy_scaling(config, without_fixed_terms(potential, splits.train, train_graphs), numbers)
+    learned_share = train_graphs if splits is None else without_fixed_terms(potential, splits.train, train_graphs)
+    e0, scale, shift = energy_scaling(config, learned_share, numbers, stats)
     if base:  # keep what the parameters were trained with; E0 only for elements seen now
-        seen = set(splits.numbers)
+        seen = set(seen_numbers)
         e0 = np.where([z in seen for z in numbers], e0, np.asarray(base.variables["e0"]))
         scale = float(base.variables["scale"])
     potential = potential.replace(
@@ -323,14 +338,14 @@ def setup(config: Config) -> Setup:
         len(train_graphs), len(valid_graphs), len(test_graphs), numbers, np.round(e0, 4).tolist(), scale, shift, avg_neighbors,
     )
     # Global terms size themselves (Ewald grids) for every cell they will see: one compile.
-    potential = potential.covering(graph_cells(train_graphs + valid_graphs + test_graphs))
+    potential = potential.covering(np.concatenate([_cells(g) for g in (train_graphs, valid_graphs, test_graphs)]))
     if config.model.long_range:
         log.info("long range: %s (Gaussian charges, sigma %.2f Å)", config.model.long_range, config.model.charge_sigma)
     if config.model.pair_repulsion:
         log.info("pair repulsion: %s (%.2f–%.2f Å switch)", config.model.pair_repulsion, config.model.zbl_r_inner, config.model.zbl_r_outer)
 
     mesh = parallel.make_mesh(config.train.n_devices)
-    train_sizes = (np.array([int(g.n_node[0]) for g in train_graphs]), np.array([int(g.n_edge[0]) for g in train_graphs]))
+    train_sizes = graph_sizes(train_graphs)
     train_shape, graphs_per_device = _training_shapes(config.train, train_graphs, train_sizes, mesh.size)
     steps_per_epoch = len(epoch_plan(config, train_sizes, mesh.size, 1))
     params = potential.variables["model"]
@@ -357,9 +372,50 @@ def setup(config: Config) -> Setup:
         train_shape=train_shape,
         graphs_per_device=graphs_per_device,
         train_sizes=train_sizes,
-        eval_shape=fixed_batch_shape(train_graphs + valid_graphs + test_graphs, config.train.eval_batch_size),
+        eval_shape=tuple(  # fits every split (bucket_size is monotonic: the max of shapes is a shape)
+            max(sizes) for sizes in zip(*(fixed_batch_shape(g, config.train.eval_batch_size) for g in (train_graphs, valid_graphs, test_graphs) if len(g)))
+        ),
         n_parameters=sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)),
     )
+
+
+def _cached_splits(config: Config, known_numbers: list[int] | None):
+    """(train, valid, test) `CachedDataset`s of data.train (split as `load_splits` splits
+    frames) and data.valid / data.test, each file preprocessed once into data.cache_dir,
+    checked as `load_splits` checks frames; and the elements of the training set."""
+    data, train = config.data, config.train
+    if config.model.pair_repulsion:
+        raise DataError("data.cache_dir: model.pair_repulsion is not supported with the on-disk cache yet; train in memory")
+    keys = dict(energy_key=data.energy_key, forces_key=data.forces_key, stress_key=data.stress_key, virial_key=data.virial_key)
+    open_cached = lambda spec: cache.CachedDataset(
+        cache.build_cache(spec, config.model.cutoff, data.cache_dir, **keys, min_distance=data.min_distance, progress=train.progress)
+    )
+    whole = open_cached(data.train)
+    if data.max_frames is not None:
+        whole = whole.subset(np.arange(min(data.max_frames, len(whole))))
+    train_set, valid_set, test_set = cache.split_dataset(
+        whole, data.valid_fraction if data.valid is None else 0.0, data.test_fraction if data.test is None else 0.0, data.split_seed
+    )
+    valid_set = open_cached(data.valid) if data.valid is not None else valid_set
+    test_set = open_cached(data.test) if data.test is not None else test_set
+    if not len(train_set):
+        raise DataError(f"{data.train}: no training frames left after the split")
+    numbers = known_numbers or train_set.numbers
+    species_index = {z: k for k, z in enumerate(numbers)}
+    splits = tuple(d.with_species_index(species_index) for d in (train_set, valid_set, test_set))
+    for d in splits:
+        cache.check_dataset(d, train.energy_weight > 0, train.forces_weight > 0, numbers)
+        if config.model.long_range and (d.pbc.any(axis=1) & ~d.pbc.all(axis=1)).any():
+            raise DataError(f"{data.train}: model.long_range needs frames periodic in all three directions or none")
+    log.info("data cache: %s", whole.path)
+    return (*splits, train_set.numbers)
+
+
+def _cells(graphs) -> np.ndarray:
+    """Cells [n, 3, 3] Å of the frames (zeros without periodicity), for `Potential.covering`."""
+    if isinstance(graphs, cache.CachedDataset):
+        return np.where(graphs.pbc.any(axis=1)[:, None, None], graphs.cells, 0.0) if len(graphs) else np.zeros((0, 3, 3))
+    return graph_cells(graphs)
 
 
 def epoch_plan(config: Config, train_sizes: tuple[np.ndarray, np.ndarray], n_devices: int, epoch: int) -> list[list[list[int]]]:
@@ -465,15 +521,16 @@ def train(config: Config) -> dict:
         skip = meta["batches_done"] if epoch == meta["epoch"] + 1 else 0
         plan = s.plan(epoch)
         show = config.train.progress and primary
-        bar = tqdm(plan[skip:], desc=f"epoch {epoch}", disable=not show, leave=False)
+        # Batches are read, padded and sent to the devices on a background thread, ahead of the step.
+        batches = cache.prefetch(((step, *s.batch(step)) for step in plan[skip:]), size=2)
+        bar = tqdm(batches, total=len(plan) - skip, desc=f"epoch {epoch}", disable=not show, leave=False)
         losses, finite = [], []
         real, padded = np.zeros(2), np.zeros(2)  # (nodes, edges) of the training batches
         lr_scale = jnp.asarray(meta["lr_scale"], dtype)
         weights = {k: jnp.asarray(v, dtype) for k, v in loss_weights(config.train, epoch).items()}
         if epoch == config.train.stage_two_epoch:
             log.info("stage two from epoch %d: loss weights %s", epoch, loss_weights(config.train, epoch))
-        for step in bar:
-            batch, shape = s.batch(step)
+        for step, batch, shape in bar:
             state, loss, ok = s.train_step(state, batch, lr_scale, weights)
             losses.append(loss)
             finite.append(ok)
@@ -488,6 +545,7 @@ def train(config: Config) -> dict:
                 out_of_time = True
                 break
         bar.close()
+        batches.close()
         _check_bad_steps(finite, epoch, config.train.max_bad_steps)
         batches_done = skip + len(losses)
         finished = batches_done >= len(plan)
