@@ -5,6 +5,14 @@ models are tiny so the whole suite compiles quickly on 2 CPU cores."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# XLA programs compiled once in this session are reused by its other processes (the
+# train.py subprocesses compile the same steps): set before JAX starts, inherited.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"mpnn-tests-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 import mpnn
 
 mpnn.enable_x64()

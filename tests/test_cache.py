@@ -5,7 +5,6 @@ writes, views, threads/fork, streamed statistics, prefetch."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 import shutil
 import threading
@@ -144,7 +143,7 @@ def test_batches_and_statistics_equal_in_memory(cached, name):
     assert_same_graph(graphs[order[5]], train[2:8:3][1])
 
 
-def test_views_across_threads_pickle_and_fork(cached):
+def test_views_across_threads_and_pickle(cached):
     dataset, frames = cached["cu"]
     species_index = {z: k for k, z in enumerate(dataset.numbers)}
     expected = frame_to_graph(frames[11], CUTOFF, species_index)
@@ -155,16 +154,9 @@ def test_views_across_threads_pickle_and_fork(cached):
     thread.start()
     thread.join()
     assert_same_graph(expected, results[0])
+    # (a pickled view, as a worker process receives it, opens the file itself; fork is not
+    # tested: JAX's threads make forking this process unsafe)
     assert_same_graph(expected, pickle.loads(pickle.dumps(dataset.subset([11])))[0])
-
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: reopens the file instead of using the parent's handle
-        ok = np.array_equal(dataset[11].nodes["positions"], expected.nodes["positions"])
-        os.write(write, b"1" if ok else b"0")
-        os._exit(0)
-    os.waitpid(pid, 0)
-    assert os.read(read, 1) == b"1"
 
 
 def test_check_dataset(cached):

@@ -22,8 +22,12 @@ class Splits:
         return sorted({int(z) for f in self.train for z in f.numbers})
 
 
-def _read(path: str, data: DataConfig) -> list[Frame]:
-    return read_frames(path, data.energy_key, data.forces_key, data.stress_key, data.virial_key)
+def _read(spec: str, data: DataConfig) -> list[Frame]:
+    """Frames of a file, a folder (its *.xyz / *.extxyz) or a glob: one dataset."""
+    from mpnn.data.cache import source_files
+
+    keys = (data.energy_key, data.forces_key, data.stress_key, data.virial_key)
+    return [frame for path in source_files(spec) for frame in read_frames(str(path), *keys)]
 
 
 def load_splits(data: DataConfig, train: TrainConfig, known_numbers: list[int] | None = None) -> Splits:
