@@ -141,6 +141,12 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if not 0 < self.plateau_factor < 1:
             raise ConfigError(f"train.plateau_factor: must be in (0, 1), got {self.plateau_factor}")
+        for key in ("n_devices", "batch_nodes", "batch_edges"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: must be a positive integer or null, got {getattr(self, key)}")
+        if self.batch_edges is not None and self.batch_nodes is None:
+            # (frames without edges, e.g. isolated atoms, would leave the graphs per batch unbounded)
+            raise ConfigError("train.batch_edges needs train.batch_nodes too (batching by size)")
         if self.huber_delta <= 0 or self.max_bad_steps < 1 or (self.patience is not None and self.patience < 1):
             raise ConfigError("train.huber_delta must be > 0, train.max_bad_steps and train.patience >= 1")
     weight_decay: float = 0.0

@@ -89,3 +89,14 @@ def test_model_name_override_switches_model_and_keeps_shared_keys():
     assert same.model.num_features == 32  # same model named: the file's keys stay
     with pytest.raises(ConfigError, match="unknown key"):
         load(None, ["model.name=schnet", "model.l_max=2"])
+
+
+def test_batching_and_device_keys_are_checked():
+    with pytest.raises(ConfigError, match="batch_edges needs train.batch_nodes"):
+        load_config(None, ["train.batch_edges=4096"])
+    with pytest.raises(ConfigError, match="train.batch_nodes: must be a positive integer"):
+        load_config(None, ["train.batch_nodes=0"])
+    with pytest.raises(ConfigError, match="train.n_devices: must be a positive integer"):
+        load_config(None, ["train.n_devices=0"])
+    config = load_config(None, ["train.batch_nodes=512", "train.batch_edges=8192", "run.distributed=true"])
+    assert (config.train.batch_nodes, config.train.batch_edges, config.run.distributed) == (512, 8192, True)

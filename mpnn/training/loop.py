@@ -174,7 +174,9 @@ def make_train_step(potential: Potential, tx: optax.GradientTransformation, conf
     return CountedJit(train_step, donate_argnums=0)
 
 
-def _prepare_run_dir(config: Config) -> Path:
+def _prepare_run_dir(config: Config, create: bool = True) -> Path:
+    """Refuse to overwrite a run unless told to; with `create`, empty and create the folder.
+    (Every process checks, so that all stop together; only the first creates.)"""
     run_dir = Path(config.run.dir)
     if run_dir.exists() and not config.run.resume and any(run_dir.iterdir()):
         if not config.run.overwrite:
@@ -182,8 +184,10 @@ def _prepare_run_dir(config: Config) -> Path:
                 f"{run_dir} already holds a run: pass --resume to continue it, "
                 f"run.overwrite=true to replace it, or choose another run.dir"
             )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        if create:
+            shutil.rmtree(run_dir)
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -390,6 +394,12 @@ def _cached_splits(config: Config, known_numbers: list[int] | None):
     open_cached = lambda spec: cache.CachedDataset(
         cache.build_cache(spec, config.model.cutoff, data.cache_dir, **keys, min_distance=data.min_distance, progress=train.progress)
     )
+    if jax.process_count() > 1:  # the first process builds the caches, the others then open them
+        if jax.process_index() == 0:
+            for spec in (data.train, data.valid, data.test):
+                if spec is not None:
+                    open_cached(spec)
+        _barrier("data cache built")
     whole = open_cached(data.train)
     if data.max_frames is not None:
         whole = whole.subset(np.arange(min(data.max_frames, len(whole))))
@@ -455,11 +465,10 @@ def train(config: Config) -> dict:
     On several processes (run.distributed) every process runs this; the first one writes
     the run folder's files, all take part in the checkpoints."""
     primary = jax.process_index() == 0
+    run_dir = _prepare_run_dir(config, create=primary)
     if primary:
-        run_dir = _prepare_run_dir(config)
         save_config(config, run_dir / "config.yaml")
     _barrier("run folder ready")
-    run_dir = Path(config.run.dir)
     s = setup(config)
     config = s.config  # fine-tuning takes the saved model's model section
     log.info(
@@ -541,7 +550,9 @@ def train(config: Config) -> dict:
                 _check_bad_steps(finite, epoch, config.train.max_bad_steps)
                 recent, ok_recent = jax.device_get((losses[-10:], finite[-10:]))
                 bar.set_postfix(loss=f"{np.mean(np.asarray(recent)[np.asarray(ok_recent)]) if any(ok_recent) else float('nan'):.4g}")
-            if max_time is not None and _elapsed_everywhere(start_time) >= max_time:
+            # (several processes agree on the time every 10 steps: a collective per step would stall them)
+            check_time = max_time is not None and (jax.process_count() == 1 or len(losses) % 10 == 0)
+            if check_time and _elapsed_everywhere(start_time) >= max_time:
                 out_of_time = True
                 break
         bar.close()

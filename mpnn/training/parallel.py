@@ -63,8 +63,14 @@ def local_device_slots(mesh: Mesh) -> range:
 
 
 def replicate(tree, mesh: Mesh):
-    """The same value on every device of the mesh (every process passes the same value)."""
+    """The same value on every device of the mesh: the first process's, where there are
+    several (their own copies could differ in the last bit)."""
     sharding = NamedSharding(mesh, PartitionSpec())
+    tree = jax.device_get(tree)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        tree = multihost_utils.broadcast_one_to_all(tree)
 
     def put(x):
         x = np.asarray(x)
