@@ -120,6 +120,10 @@ def test_killed_two_device_run_resumes_the_same_trajectory(two_device_run, confi
         assert float(x["valid_forces_mae_mev_A"]) == pytest.approx(float(y["valid_forces_mae_mev_A"]), rel=1e-5)
 
 
+@pytest.mark.skipif(
+    os.environ.get("MPNN_TEST_MULTIPROCESS") != "1",
+    reason="opt-in (MPNN_TEST_MULTIPROCESS=1): on a loaded 2-core machine gloo's 30 s first rendezvous can time out",
+)
 def test_two_processes_train_as_one_process_with_two_devices(two_device_run, config_path):
     """jax.distributed on localhost: two processes with one CPU device each, gradients
     summed through gloo; same metrics as the 2-device run, one run folder."""
