@@ -434,7 +434,7 @@ def epoch_plan(config: Config, train_sizes: tuple[np.ndarray, np.ndarray], n_dev
     process of a distributed one, computes the same plan)."""
     train = config.train
     order = np.random.default_rng(config.seed * 100_003 + epoch).permutation(len(train_sizes[0]))
-    by_size = train.batch_nodes is not None or train.batch_edges is not None
+    by_size = train.batch_nodes is not None  # (an edge budget needs a node budget)
     return plan_steps(*train_sizes, order, n_devices, None if by_size else train.batch_size, train.batch_nodes, train.batch_edges)
 
 
@@ -444,19 +444,14 @@ def _training_shapes(
     """(fixed (n_node, n_edge) per device batch or None when batching by size, graphs per
     device batch at most). By size, a frame larger than a budget gets a batch of its own."""
     n_node, n_edge = sizes
-    if train.batch_nodes is None and train.batch_edges is None:
+    if train.batch_nodes is None:  # by count (TrainConfig: an edge budget needs a node budget)
         per_device = -(-train.batch_size // n_devices)
         return fixed_batch_shape(graphs, per_device), per_device
     for key, largest in (("batch_nodes", int(n_node.max())), ("batch_edges", int(n_edge.max()))):
         budget = getattr(train, key)
         if budget is not None and budget < largest:
             log.warning("train.%s=%d is below the largest training frame (%d): such frames go alone in larger batches", key, budget, largest)
-    bounds = [len(graphs)]
-    if train.batch_nodes is not None:
-        bounds.append(train.batch_nodes // max(int(n_node.min()), 1))
-    if train.batch_edges is not None and int(n_edge.min()) > 0:
-        bounds.append(train.batch_edges // int(n_edge.min()))
-    return None, bucket_size(min(bounds), per_doubling=1)
+    return None, bucket_size(min(len(graphs), train.batch_nodes // max(int(n_node.min()), 1)), per_doubling=1)
 
 
 def train(config: Config) -> dict:
