@@ -120,10 +120,6 @@ def test_killed_two_device_run_resumes_the_same_trajectory(two_device_run, confi
         assert float(x["valid_forces_mae_mev_A"]) == pytest.approx(float(y["valid_forces_mae_mev_A"]), rel=1e-5)
 
 
-@pytest.mark.skipif(
-    os.environ.get("MPNN_TEST_MULTIPROCESS") != "1",
-    reason="opt-in (MPNN_TEST_MULTIPROCESS=1): on a loaded 2-core machine gloo's 30 s first rendezvous can time out",
-)
 def test_two_processes_train_as_one_process_with_two_devices(two_device_run, config_path):
     """jax.distributed on localhost: two processes with one CPU device each, gradients
     summed through gloo; same metrics as the 2-device run, one run folder."""
@@ -135,14 +131,17 @@ def test_two_processes_train_as_one_process_with_two_devices(two_device_run, con
         "train.py", "--config", str(config_path), f"run.dir={run_dir}", "run.distributed=true",
         f"run.coordinator_address=localhost:{port}", "run.num_processes=2",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    processes = [
-        subprocess.Popen([sys.executable, *common, f"run.process_id={k}"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for k in range(2)
-    ]
-    outputs = [p.communicate(timeout=600) for p in processes]
-    for p, (out, err) in zip(processes, outputs):
-        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    # (PYTHONFAULTHANDLER: a process aborted by the other's failure prints where it was)
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONFAULTHANDLER": "1"}
+    logs = [config_path.parent / f"process_{k}.log" for k in range(2)]
+    processes = []
+    for k, log in enumerate(logs):
+        with open(log, "w") as out:  # files, not pipes: a full pipe would stall a process
+            processes.append(subprocess.Popen([sys.executable, *common, f"run.process_id={k}"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+    for p in processes:
+        p.wait(timeout=900)
+    for k, p in enumerate(processes):
+        assert p.returncode == 0, "\n".join(f"--- process {j} ---\n" + logs[j].read_text()[-4000:] for j in range(2))
     results = json.loads((run_dir / "results.json").read_text())
     assert results["n_devices"] == 2 and results["n_processes"] == 2
     a, b = read_metrics(two_device_run), read_metrics(run_dir)

@@ -399,7 +399,7 @@ def _cached_splits(config: Config, known_numbers: list[int] | None):
             for spec in (data.train, data.valid, data.test):
                 if spec is not None:
                     open_cached(spec)
-        _barrier("data cache built")
+        parallel.barrier("data cache built")
     whole = open_cached(data.train)
     if data.max_frames is not None:
         whole = whole.subset(np.arange(min(data.max_frames, len(whole))))
@@ -460,10 +460,14 @@ def train(config: Config) -> dict:
     On several processes (run.distributed) every process runs this; the first one writes
     the run folder's files, all take part in the checkpoints."""
     primary = jax.process_index() == 0
-    run_dir = _prepare_run_dir(config, create=primary)
+    # Every process checks the folder (so that all stop together on a refusal) before the
+    # first one creates it: a later process would otherwise find the fresh run and refuse.
+    run_dir = _prepare_run_dir(config, create=False)
+    parallel.barrier("run folder checked")
+    _prepare_run_dir(config, create=primary)
     if primary:
         save_config(config, run_dir / "config.yaml")
-    _barrier("run folder ready")
+    parallel.barrier("run folder ready")
     s = setup(config)
     config = s.config  # fine-tuning takes the saved model's model section
     log.info(
@@ -621,16 +625,8 @@ def train(config: Config) -> dict:
         if s.test_graphs:  # parity data of `python -m mpnn.plot`; a host copy of the parameters: one process computes
             local_best = best.replace(variables=jax.device_get(best.variables))
             save_predictions(run_dir / "test_predictions.npz", local_best, s.test_graphs, config.train.eval_batch_size, s.eval_shape)
-    _barrier("run finished")
+    parallel.barrier("run finished")
     return results
-
-
-def _barrier(name: str) -> None:
-    """Wait for every process (no-op with one)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _elapsed_everywhere(start_time: float) -> float:
@@ -641,6 +637,7 @@ def _elapsed_everywhere(start_time: float) -> float:
         return elapsed
     from jax.experimental import multihost_utils
 
+    parallel.barrier("elapsed")
     return float(multihost_utils.broadcast_one_to_all(np.float32(elapsed)))
 
 

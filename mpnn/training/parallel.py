@@ -10,6 +10,7 @@ number of devices gives the update of one device on the same global batch.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from typing import Sequence
@@ -35,6 +36,29 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+# How often each named barrier was entered: ids must be unique, and every process enters
+# the same barriers in the same order.
+_barrier_counts: collections.Counter = collections.Counter()
+
+BARRIER_TIMEOUT_S = 1800
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Wait for every process (no-op with one), on jax.distributed's coordination service
+    rather than through a device collective.
+
+    Why: on CPU the first collective sets up gloo, whose rendezvous gives up after 30 s.
+    Processes reach it far apart when one is slower to import, read data or compile (a
+    loaded machine, process 0's extra file writing), so a collective is always preceded
+    by this barrier, which waits as long as `timeout_s`."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    _barrier_counts[name] += 1
+    distributed.global_state.client.wait_at_barrier(f"mpnn:{name}:{_barrier_counts[name]}", int(timeout_s * 1000))
 
 
 def _has_accelerator_plugin() -> bool:
@@ -70,6 +94,7 @@ def replicate(tree, mesh: Mesh):
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
+        barrier("replicate")
         tree = multihost_utils.broadcast_one_to_all(tree)
 
     def put(x):
@@ -101,5 +126,6 @@ def sum_over_processes(values: dict[str, float]) -> dict[str, float]:
     from jax.experimental import multihost_utils
 
     keys = sorted(values)
+    barrier("sum over processes")
     gathered = multihost_utils.process_allgather(np.array([values[k] for k in keys], dtype=np.float64))
     return dict(zip(keys, np.asarray(gathered).reshape(jax.process_count(), -1).sum(0).tolist()))
