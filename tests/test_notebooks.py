@@ -20,7 +20,17 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 # Tiny settings: the whole quick start (2 epochs of a 2-layer model on 40 frames) takes
 # about a minute on one CPU core, mostly compilation.
-SMALL = {"MPNN_NOTEBOOK_EPOCHS": "2", "MPNN_NOTEBOOK_FRAMES": "40"}
+SMALL = {
+    "MPNN_NOTEBOOK_EPOCHS": "2",
+    "MPNN_NOTEBOOK_FRAMES": "40",
+    "MPNN_NOTEBOOK_TINY": "1",  # 04, 05: tiny models (1 layer, 4-8 channels)
+    "MPNN_NOTEBOOK_ION_EPOCHS": "2",  # 05: epochs of each ion-pair model
+    # 05: one rung of the ladder; each training costs ~20-25 s of compilation on one core, so
+    # all four rungs take the notebook from ~90 s to ~155 s.
+    "MPNN_NOTEBOOK_LADDER": "bpnn",
+    "MPNN_NOTEBOOK_MD_STEPS": "200",  # 03: steps of each MD run (model NVT, EMT NVT, model NVE)
+    "MPNN_NOTEBOOK_REPEAT": "2",  # 03: a 2×2×2 fcc supercell (32 atoms)
+}
 CELL_TIMEOUT_S = 300
 
 
