@@ -367,7 +367,12 @@ class _MultiImageUpdate:
     fractional: bool
 
     def __call__(self, position, neighbors, **kwargs):
-        return dataclasses.replace(self.inner(position, neighbors, **kwargs), update_fn=self)
+        new = self.inner(position, neighbors, **kwargs)
+        # Sticky, as the error code of jax-md's other lists: an overflow in any update of a
+        # loop of steps stays flagged until the list is reallocated (jax-md's multi-image
+        # flag describes the last update only).
+        overflow = jnp.logical_or(new.did_buffer_overflow, neighbors.did_buffer_overflow)
+        return dataclasses.replace(new, update_fn=self, did_buffer_overflow=overflow)
 
 
 def _multi_image_edges(R, neighbor, kwargs, fractional: bool | None):
