@@ -177,13 +177,16 @@ json.dump(rows, open(sys.argv[4], "w"))
 
 OURS_EVAL = """
 import json, sys, numpy as np, ase.io, mpnn
+from ase.stress import full_3x3_to_voigt_6_stress
 potential = mpnn.load(sys.argv[1])
 frames = ase.io.read(sys.argv[2], ":")
 rows = []
 for atoms, p in zip(frames, potential.predict(frames)):
     row = {"n": len(atoms), "de": float(p["energy"]) - atoms.get_potential_energy(), "df": (np.asarray(p["forces"]) - atoms.get_forces()).ravel().tolist()}
     if "stress" in atoms.calc.results and "stress" in p:
-        row["ds"] = (np.asarray(p["stress"]) - atoms.get_stress()).tolist()
+        stress = np.asarray(p["stress"])
+        stress = full_3x3_to_voigt_6_stress(stress) if stress.shape == (3, 3) else stress  # as ase's get_stress
+        row["ds"] = (stress - atoms.get_stress()).tolist()
     rows.append(row)
 json.dump(rows, open(sys.argv[4], "w"))
 """
@@ -233,10 +236,13 @@ def main(argv=None) -> int:
         processes[name] = (subprocess.Popen(pinned(cores[k % len(cores)]) + command, stdout=log, stderr=subprocess.STDOUT, env=thread_env(1), cwd=ROOT), log)
         print(f"{name}: training ({out / f'{name}.log'})", flush=True)
     wall = {}
-    for name, (process, log) in processes.items():
-        if process.wait() != 0:
-            raise SystemExit(f"{name} failed: see {log.name}")
-        wall[name] = time.perf_counter() - started
+    while len(wall) < len(processes):  # each one's own end time
+        for name, (process, log) in processes.items():
+            if name not in wall and process.poll() is not None:
+                if process.returncode != 0:
+                    raise SystemExit(f"{name} failed: see {log.name}")
+                wall[name] = time.perf_counter() - started
+        time.sleep(0.5)
     results = {}
     for k, name in enumerate(jobs):
         rows = out / f"{name}_test_errors.json"
