@@ -101,7 +101,7 @@ def replicate(tree, mesh: Mesh):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-    return jax.tree_util.tree_map(put, jax.device_get(tree))
+    return jax.tree_util.tree_map(put, tree)
 
 
 def global_batch(local_graphs: Sequence[jraph.GraphsTuple], mesh: Mesh) -> jraph.GraphsTuple:
