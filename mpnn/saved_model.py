@@ -29,7 +29,9 @@ from mpnn.config import ConfigError, from_dict, save_config
 from mpnn.models import MODELS, build_model
 from mpnn.potential import Potential, enable_x64, energy_terms, init_model_params
 
-FORMAT_VERSION = 2  # 2: per-model config sections and energy terms; 1 is converted on load
+# 2: per-model config sections and energy terms; 3: NequIP with parity gates by even
+# scalars only (earlier folders load with `pseudoscalar_gates`). 1 and 2 are converted on load.
+FORMAT_VERSION = 3
 
 
 class ModelFileError(ValueError):
@@ -103,7 +105,7 @@ def load_model(path: str | Path, dtype: str | None = None, *, set_precision: boo
     A float64 model needs 64-bit JAX (`mpnn.enable_x64()` first, or dtype="float32").
     set_precision=True switches JAX to 64 bits when the model is float64: for the
     command-line entry points, which own their process.
-    Folders saved by format 1 (before per-model config sections) load unchanged.
+    Folders saved by formats 1 (before per-model config sections) and 2 load unchanged.
     """
     path = Path(path)
     if (path / "model" / "metadata.json").is_file():  # a run folder: take its model
@@ -122,9 +124,9 @@ def load_model(path: str | Path, dtype: str | None = None, *, set_precision: boo
     except (ValueError, KeyError, TypeError) as e:
         raise ModelFileError(f"{path / 'metadata.json'}: unreadable or incomplete ({type(e).__name__}: {e})") from e
     version = metadata.get("format_version")
-    if version not in (1, FORMAT_VERSION):
+    if version not in (1, 2, FORMAT_VERSION):
         raise ModelFileError(
-            f"{path / 'metadata.json'}: format_version {version} is not one this mpnn reads (1, {FORMAT_VERSION}); "
+            f"{path / 'metadata.json'}: format_version {version} is not one this mpnn reads (1–{FORMAT_VERSION}); "
             "a newer mpnn wrote it"
         )
     try:
@@ -133,6 +135,8 @@ def load_model(path: str | Path, dtype: str | None = None, *, set_precision: boo
         if version == 1:
             values = _convert_v1_config(values, path / "config.yaml")
         config = from_dict(values)
+        if version < 3 and config.model.name == "nequip" and config.model.parity:
+            config.model.pseudoscalar_gates = True  # the layer structure these parameters were trained in
     except (yaml.YAMLError, ConfigError, AttributeError, TypeError) as e:
         raise ModelFileError(f"{path / 'config.yaml'}: invalid ({e})") from e
     if config.model.cutoff != cutoff:

@@ -18,6 +18,7 @@ import math
 
 import ase
 import ase.io
+import e3nn_jax as e3nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +29,7 @@ import mpnn
 from mpnn.data.frames import Frame
 from mpnn.data.graphs import frame_to_graph
 from mpnn.models import bpnn
+from mpnn.models.nequip import gated_irreps, hidden_irreps
 from mpnn.potential import build_potential, cast_graph, edge_vectors
 from mpnn.training.loop import train
 from tests.conftest import tiny_model_config, tiny_train_config
@@ -147,6 +149,17 @@ def test_receptive_field(name):
         assert change == 0.0
     else:
         assert change > 1e-8
+
+
+@pytest.mark.parametrize("l_max", [1, 2])
+@pytest.mark.parametrize("parity", [False, True])
+def test_nequip_gate_gives_the_hidden_irreps(l_max, parity):
+    """Each NequIP layer ends in a gate: its output must carry the hidden irreps the
+    config asks for (with parity: 0o and 1e pseudo-tensors too), which holds only if the
+    gates are the last, even scalars of the gate's input."""
+    hidden = hidden_irreps(4, l_max, parity)
+    gated = e3nn.gate(e3nn.normal(gated_irreps(hidden), jax.random.PRNGKey(0), (3,)))
+    assert gated.irreps == hidden
 
 
 @pytest.fixture(scope="module", params=["bpnn", "schnet", "allegro"])

@@ -38,12 +38,21 @@ def hidden_irreps(num_features: int, l_max: int, parity: bool) -> e3nn.Irreps:
     return e3nn.Irreps("+".join(irreps))
 
 
-def gated_irreps(irreps: e3nn.Irreps) -> e3nn.Irreps:
-    """The input irreps `e3nn.gate` needs to produce `irreps`: one extra gate scalar per non-scalar irrep."""
+def gated_irreps(irreps: e3nn.Irreps, pseudoscalar_gates: bool = False) -> e3nn.Irreps:
+    """The input irreps `e3nn.gate` needs to produce `irreps`: one extra even gate scalar
+    per non-scalar irrep, after the activated scalars.
+
+    `e3nn.gate` takes the *last* scalars as gates, so the order matters: sorting (regroup)
+    would move the 0o scalars behind the 0e gates and make them gates, which flips the
+    parity of what they gate (0o·1o = 1e) and drops the 1o features. `pseudoscalar_gates`
+    rebuilds that old order, only to load models saved with it (format ≤ 2 with parity).
+    """
     scalars = e3nn.Irreps([(mul, ir) for mul, ir in irreps if ir.l == 0])
     nonscalars = e3nn.Irreps([(mul, ir) for mul, ir in irreps if ir.l > 0])
     gates = e3nn.Irreps(f"{nonscalars.num_irreps}x0e") if nonscalars.num_irreps else e3nn.Irreps("")
-    return (scalars + gates + nonscalars).regroup()
+    if pseudoscalar_gates:
+        return (scalars + gates + nonscalars).regroup()
+    return (scalars + gates + nonscalars).simplify()  # merges 32x0e+32x0e without reordering
 
 
 @dataclass
@@ -62,6 +71,9 @@ class NequIPConfig(ModelConfig):
     envelope_p: int = 6  # polynomial envelope exponent
     radial_mlp: tuple[int, ...] = (64, 64)
     readout_mlp: int = 16  # hidden width of the scalar readout MLP
+    # Set by mpnn.load for models saved before format 3 with parity: true, whose layers used
+    # the 0o scalars as gates (see gated_irreps); never needed for a new model.
+    pseudoscalar_gates: bool = False
 
 
 def build(config: NequIPConfig, num_species: int, avg_num_neighbors: float) -> "NequIP":
@@ -78,6 +90,7 @@ def build(config: NequIPConfig, num_species: int, avg_num_neighbors: float) -> "
         envelope_p=config.envelope_p,
         radial_mlp=tuple(config.radial_mlp),
         readout_mlp=config.readout_mlp,
+        pseudoscalar_gates=config.pseudoscalar_gates,
         num_outputs=config.num_outputs,
     )
 
@@ -88,10 +101,11 @@ class NequIPLayer(nn.Module):
     radial_mlp: Sequence[int]
     avg_num_neighbors: float
     self_connection: bool
+    pseudoscalar_gates: bool = False
 
     @nn.compact
     def __call__(self, node_feats, species, edge_sh, edge_radial, senders, receivers):
-        target = gated_irreps(e3nn.Irreps(self.irreps_out))
+        target = gated_irreps(e3nn.Irreps(self.irreps_out), self.pseudoscalar_gates)
         h = e3nn.flax.Linear(node_feats.irreps, name="linear_up")(node_feats)
         aggregated = MessagePassing(target, self.radial_mlp, self.avg_num_neighbors)(
             h, edge_sh, edge_radial, senders, receivers
@@ -125,6 +139,7 @@ class NequIP(nn.Module):
     envelope_p: int = 6
     radial_mlp: Sequence[int] = (64, 64)
     readout_mlp: int = 16
+    pseudoscalar_gates: bool = False
     num_outputs: int = 1  # 2: energy and raw charge (model.long_range=electrostatics)
 
     @nn.compact
@@ -142,6 +157,7 @@ class NequIP(nn.Module):
                 radial_mlp=tuple(self.radial_mlp),
                 avg_num_neighbors=self.avg_num_neighbors,
                 self_connection=layer > 0,
+                pseudoscalar_gates=self.pseudoscalar_gates,
                 name=f"layer_{layer}",
             )(node_feats, species, edge_sh, edge_radial, senders, receivers)
         outputs = ScalarReadout(self.readout_mlp, self.num_outputs, name="readout")(node_feats)
