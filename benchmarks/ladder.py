@@ -72,7 +72,7 @@ def train(dataset: str, model: str, run_dir: Path, budget: dict, max_frames: int
     ]
     cmd.append(f"data.max_frames={max_frames or spec['max_frames']}")
     if "epochs" in budget:
-        cmd += [f"train.max_epochs={budget['epochs']}"]
+        cmd += [f"train.max_epochs={budget['epochs']}", "train.schedule=cosine"]
     else:
         cmd += [f"train.max_time={budget['seconds']}", "train.max_epochs=100000", "train.schedule=plateau",
                 "train.plateau_patience=3"]

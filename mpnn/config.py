@@ -104,7 +104,10 @@ class TrainConfig:
     eval_batch_size: int = 32
     optimizer: str = "amsgrad"  # "adam" or "amsgrad"
     lr: float = 5e-3
-    schedule: str = "cosine"  # "cosine" (decay over max_epochs) or "plateau" (see below)
+    # "plateau" (see below) or "cosine" (decay to min_lr_ratio over max_epochs). Plateau by
+    # default: a rate that decays on a fixed calendar is too low too early in a run cut
+    # short by max_time, or whose max_epochs is a guess (README, "Results on the bundled data").
+    schedule: str = "plateau"
     min_lr_ratio: float = 0.01  # final lr of the cosine decay, relative to lr
     warmup_epochs: float = 1.0
     # "plateau": constant lr after warm-up, times plateau_factor whenever the validation
