@@ -72,3 +72,32 @@ def test_channel_blocks_give_the_same_messages(monkeypatch):
     blocked = jax.jit(jax.value_and_grad(energy, argnums=(0, 1)))(x.array, weights)
     for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(blocked)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("irreps_in, irreps_out", [("6x0e+4x1o", "5x0e+3x1o+2x2e"), ("3x0e+2x0o+3x1o+2x1e", "4x0e+2x0o+3x1o+1x1e")])  # 2x2e: no input
+def test_species_linear_equals_e3nn_indexed_linear(irreps_in, irreps_out, dense, monkeypatch):
+    """SpeciesLinear has e3nn.flax.Linear(num_indexed_weights=...)'s parameters (same
+    names, shapes and initial values: saved models load in either) and gives its values
+    and gradients, by the dense route (few elements) and by e3nn's gather (many)."""
+    from mpnn.nn import blocks
+
+    monkeypatch.setattr(blocks, "DENSE_MAX_SPECIES", 100 if dense else 0)
+    num_species, n_node = 4, 11
+    species = jnp.asarray(np.random.default_rng(0).integers(0, num_species, n_node))
+    x = e3nn.normal(irreps_in, jax.random.PRNGKey(1), (n_node,))
+    ours = blocks.SpeciesLinear(irreps_out, num_species)
+    theirs = e3nn.flax.Linear(irreps_out, num_indexed_weights=num_species, force_irreps_out=True)
+    params = theirs.init(jax.random.PRNGKey(2), species, x)
+    mine = ours.init(jax.random.PRNGKey(2), species, x)
+    assert jax.tree_util.tree_structure(mine) == jax.tree_util.tree_structure(params)
+    for a, b in zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    a, b = ours.apply(params, species, x), theirs.apply(params, species, x)
+    assert a.irreps == b.irreps and a.zero_flags == b.zero_flags
+    np.testing.assert_allclose(a.array, b.array, rtol=1e-12, atol=1e-12)
+    loss = lambda module: jax.grad(
+        lambda p, xa: jnp.sum(jnp.sin(module.apply(p, species, e3nn.IrrepsArray(irreps_in, xa)).array)), argnums=(0, 1)
+    )(params, x.array)
+    for g_ours, g_theirs in zip(jax.tree_util.tree_leaves(loss(ours)), jax.tree_util.tree_leaves(loss(theirs))):
+        np.testing.assert_allclose(g_ours, g_theirs, rtol=1e-12, atol=1e-12)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from mpnn.config import ModelConfig
 from mpnn.models.nequip import hidden_irreps
-from mpnn.nn import MessagePassing, NodeOutputs, ScalarReadout, edge_geometry, species_embedding
+from mpnn.nn import MessagePassing, NodeOutputs, ScalarReadout, SpeciesLinear, edge_geometry, species_embedding
 from mpnn.nn.symmetric_contraction import SymmetricContraction
 
 
@@ -117,9 +117,7 @@ class MACELayer(nn.Module):
         )
         out = e3nn.flax.Linear(target, force_irreps_out=True, name="linear_down")(b.axis_to_mul())
         if self.self_connection:
-            out = out + e3nn.flax.Linear(
-                target, num_indexed_weights=self.num_species, force_irreps_out=True, name="self_connection"
-            )(species, node_feats)
+            out = out + SpeciesLinear(target, self.num_species, name="self_connection")(species, node_feats)
         return out
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mpnn.config import ModelConfig
-from mpnn.nn import MessagePassing, NodeOutputs, ScalarReadout, edge_geometry, species_embedding
+from mpnn.nn import MessagePassing, NodeOutputs, ScalarReadout, SpeciesLinear, edge_geometry, species_embedding
 
 
 def hidden_irreps(num_features: int, l_max: int, parity: bool) -> e3nn.Irreps:
@@ -110,13 +110,9 @@ class NequIPLayer(nn.Module):
         aggregated = MessagePassing(target, self.radial_mlp, self.avg_num_neighbors)(
             h, edge_sh, edge_radial, senders, receivers
         )
-        out = e3nn.flax.Linear(target, num_indexed_weights=self.num_species, force_irreps_out=True, name="linear_down")(
-            species, aggregated
-        )
+        out = SpeciesLinear(target, self.num_species, name="linear_down")(species, aggregated)
         if self.self_connection:
-            out = out + e3nn.flax.Linear(
-                target, num_indexed_weights=self.num_species, force_irreps_out=True, name="self_connection"
-            )(species, node_feats)
+            out = out + SpeciesLinear(target, self.num_species, name="self_connection")(species, node_feats)
         return e3nn.gate(out, even_act=jax.nn.silu, odd_act=jnp.tanh, even_gate_act=jax.nn.sigmoid)
 
 
