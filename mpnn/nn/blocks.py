@@ -146,8 +146,9 @@ class SpeciesLinear(nn.Module):
     linear_down), where one matrix shared by all nodes takes 0.34 ms. Here every
     element's matrix is applied to every node in one dense product and each node keeps
     its element's row: num_species × the shared cost, so up to DENSE_MAX_SPECIES
-    elements; beyond, e3nn-jax's gather. Call: (species [n_node] int, x [n_node, irreps])
-    → [n_node, irreps_out].
+    elements (forward and backward break even near 32 there); beyond, e3nn-jax's gather.
+    Figures: `python benchmarks/species_linear.py`. Call: (species [n_node] int,
+    x [n_node, irreps]) → [n_node, irreps_out].
     """
 
     irreps_out: e3nn.Irreps
