@@ -241,3 +241,31 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(path, ["model.num_featurs=8"])
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config(path, ["model.num_features=many"])
+
+
+def test_e0_fit_recovers_e0_and_warns_when_compositions_cannot_separate_elements(tmp_path, caplog):
+    """Energies made as Σ E0[Z] + small noise: varied compositions give back E0 (no
+    warning); a single composition (as rMD17, 3BPA, the bundled ethanol) cannot, and
+    the fit says so."""
+    from mpnn.data.statistics import fit_e0
+
+    e0 = {1: -13.6, 6: -1030.0, 8: -2040.0}
+    rng = np.random.default_rng(0)
+
+    def made(name):
+        atoms = molecule(name)
+        atoms.calc = SinglePointCalculator(
+            atoms, energy=sum(e0[int(z)] for z in atoms.numbers) + rng.normal(0, 1e-3), forces=np.zeros((len(atoms), 3))
+        )
+        return atoms
+
+    numbers = [1, 6, 8]
+    mixed = read_frames(write(tmp_path / "mixed.xyz", [made(n) for n in ("CH4", "H2O", "CO2", "CH3CH2OH", "H2")]))
+    with caplog.at_level("WARNING", logger="mpnn"):
+        np.testing.assert_allclose(fit_e0(mixed, numbers), [e0[z] for z in numbers], atol=0.01)
+    assert "minimum-norm" not in caplog.text
+    same = read_frames(write(tmp_path / "same.xyz", [made("CH3CH2OH") for _ in range(4)]))
+    with caplog.at_level("WARNING", logger="mpnn"):
+        fitted = fit_e0(same, numbers)
+    assert "determine only 1 of the 3" in caplog.text and "['H', 'C', 'O']" in caplog.text
+    assert fitted @ [6, 2, 1] == pytest.approx(sum(e0[int(z)] for z in molecule("CH3CH2OH").numbers), abs=0.01)

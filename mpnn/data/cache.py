@@ -76,6 +76,7 @@ from ase.data import chemical_symbols
 
 from mpnn.data.frames import DataError, Frame, frame_from_atoms, validate_frame
 from mpnn.data.neighbors import neighbor_list
+from mpnn.data import statistics
 
 FORMAT = "mpnn-dataset-cache"
 FORMAT_VERSION = 1
@@ -824,8 +825,9 @@ def fit_e0(dataset: CachedDataset, numbers: Sequence[int], energies: np.ndarray 
     if not labelled.any():
         raise DataError(f"{dataset.path}: cannot fit E0: no training frame has an energy")
     energies = dataset.energies if energies is None else np.asarray(energies, dtype=np.float64)
-    e0, *_ = np.linalg.lstsq(dataset.element_counts(numbers)[labelled].astype(np.float64), energies[labelled], rcond=None)
-    return e0
+    return statistics.least_squares_e0(
+        dataset.element_counts(numbers)[labelled].astype(np.float64), energies[labelled], numbers
+    )
 
 
 def residual_per_atom(

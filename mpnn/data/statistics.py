@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import jraph
 import numpy as np
+from ase.data import chemical_symbols
 
 from mpnn.data.frames import DataError, Frame
+
+log = logging.getLogger("mpnn")
 
 
 def fit_e0(frames: Sequence[Frame], numbers: Sequence[int]) -> np.ndarray:
     """Per-element reference energies (eV) by least squares: E ≈ Σ_i E0[Z_i].
 
-    Elements that never vary independently are resolved by the minimum-norm solution.
+    Elements that never vary independently are resolved by the minimum-norm solution
+    (with a warning: see `least_squares_e0`).
     """
     index = {z: k for k, z in enumerate(numbers)}
     labelled = [f for f in frames if f.energy is not None]
@@ -24,7 +29,27 @@ def fit_e0(frames: Sequence[Frame], numbers: Sequence[int]) -> np.ndarray:
         for z in frame.numbers:
             counts[row, index[int(z)]] += 1
     energies = np.array([f.energy for f in labelled])
-    e0, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    return least_squares_e0(counts, energies, numbers)
+
+
+def least_squares_e0(counts: np.ndarray, energies: np.ndarray, numbers: Sequence[int]) -> np.ndarray:
+    """E0 [n_elements] eV from element counts [n_frame, n_elements] and energies [n_frame].
+
+    When the compositions cannot tell the elements apart (one composition, as in rMD17 or
+    3BPA, or elements always in a fixed ratio), the minimum-norm E0 still gives every
+    training composition its right offset, but not isolated atoms or other compositions:
+    say so, since a model fine-tuned or run on those would carry the error.
+    """
+    e0, _, rank, _ = np.linalg.lstsq(counts, energies, rcond=None)
+    if rank < len(numbers):
+        symbols = [chemical_symbols[int(z)] for z in numbers]
+        log.warning(
+            "model.e0=fit: the training compositions (%d distinct element-count patterns) determine only %d of the %d "
+            "per-element energies of %s; the fitted E0 are the minimum-norm split, right for these compositions but not "
+            "for isolated atoms or other compositions. Give model.e0 as a mapping (isolated-atom energies, eV) where "
+            "that matters.",
+            len(np.unique(counts, axis=0)), rank, len(numbers), symbols,
+        )
     return e0
 
 

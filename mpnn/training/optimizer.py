@@ -1,5 +1,5 @@
-"""Optimiser: gradient clipping → Adam/AMSGrad with linear warm-up and cosine decay (or a
-constant rate that the loop reduces on plateaus)."""
+"""Optimiser: gradient clipping → Adam/AMSGrad with a linear warm-up, then a constant rate
+that the loop reduces on validation plateaus (the default) or a cosine decay."""
 
 from __future__ import annotations
 
