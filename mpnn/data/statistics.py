@@ -45,7 +45,8 @@ def least_squares_e0(counts: np.ndarray, energies: np.ndarray, numbers: Sequence
         symbols = [chemical_symbols[int(z)] for z in numbers]
         log.warning(
             "model.e0=fit: the training compositions (%d distinct element-count patterns) determine only %d of the %d "
-            "per-element energies of %s; the fitted E0 are the minimum-norm split, right for these compositions but not "
+            "independent combinations of the per-element energies of %s; the fitted E0 are the minimum-norm split, right "
+            "for these compositions but not "
             "for isolated atoms or other compositions. Give model.e0 as a mapping (isolated-atom energies, eV) where "
             "that matters.",
             len(np.unique(counts, axis=0)), rank, len(numbers), symbols,

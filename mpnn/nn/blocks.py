@@ -167,9 +167,9 @@ class SpeciesLinear(nn.Module):
             )
             for ins in linear.instructions
         ]
-        over_nodes = lambda w, x: e3nn.utils.vmap(lambda row: linear(w, row))(x)
         if self.num_species > DENSE_MAX_SPECIES:
             return e3nn.utils.vmap(linear)([w[species] for w in weights], x)
+        over_nodes = lambda w, x: e3nn.utils.vmap(lambda row: linear(w, row))(x)
         every = jax.vmap(over_nodes, in_axes=(0, None))(weights, x)  # [num_species, n_node, irreps_out]
         one_hot = jax.nn.one_hot(species, self.num_species, dtype=x.dtype)
         # Irreps that no path reaches stay marked as zeros, as e3nn-jax marks them (the next
