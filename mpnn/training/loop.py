@@ -464,8 +464,8 @@ def train(config: Config) -> dict:
     # first one creates it: a later process would otherwise find the fresh run and refuse.
     run_dir = _prepare_run_dir(config, create=False)
     parallel.barrier("run folder checked")
-    _prepare_run_dir(config, create=primary)
-    if primary:
+    if primary:  # only the first process: another one checking again could see its fresh run
+        _prepare_run_dir(config)
         save_config(config, run_dir / "config.yaml")
     parallel.barrier("run folder ready")
     s = setup(config)
