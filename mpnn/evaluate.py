@@ -103,20 +103,20 @@ def predictions(
     potential = potential.covering(graph_cells(graphs))
     parts: dict[str, list[np.ndarray]] = {k: [np.zeros((0, *s))] for k, s in PREDICTION_SHAPES.items()}
     for batch in iterate_batches(graphs, batch_size, shape=shape):
-        out = jax.device_get(potential.predict_graph(batch))
         labels = batch.globals  # weights: 0 where a label is missing and on the padding graph
         n_atoms = np.asarray(batch.n_node)
         node_graph = np.repeat(np.arange(len(n_atoms)), n_atoms)
         has_energy = labels["weight_energy"] > 0
         has_forces = (labels["weight_forces"][node_graph] > 0) & batch.nodes["mask"]
         has_stress = labels["weight_stress"] > 0
+        out = jax.device_get(potential.predict_graph(batch, virials=bool(has_stress.any())))
         parts["n_atoms"].append(n_atoms[has_energy])
         parts["energy_ref"].append(labels["energy"][has_energy] / n_atoms[has_energy])
         parts["energy_pred"].append(np.asarray(out["energy"], np.float64)[has_energy] / n_atoms[has_energy])
         parts["forces_ref"].append(batch.nodes["forces"][has_forces])
         parts["forces_pred"].append(np.asarray(out["forces"])[has_forces])
         parts["stress_ref"].append(labels["stress"][has_stress])
-        parts["stress_pred"].append(np.asarray(out["stress"])[has_stress])
+        parts["stress_pred"].append(np.asarray(out["stress"])[has_stress] if has_stress.any() else np.zeros((0, 3, 3)))
     return {k: np.concatenate(v).astype(np.int64 if k == "n_atoms" else np.float64) for k, v in parts.items()}
 
 

@@ -232,17 +232,28 @@ class Potential:
 
     # --- prediction -------------------------------------------------------------------
 
-    def predict_graph(self, graph: jraph.GraphsTuple) -> dict[str, jnp.ndarray]:
-        """Jitted `energy_and_derivatives` on a padded graph (see `mpnn.data.graphs`)."""
+    def predict_graph(self, graph: jraph.GraphsTuple, virials: bool | None = None) -> dict[str, jnp.ndarray]:
+        """Jitted `energy_and_derivatives` on a padded graph (see `mpnn.data.graphs`).
+
+        `virials`: also compute virial, stress and per-atom virials; by default only when
+        a cell of the batch has a volume (molecules skip them: fewer operations per call,
+        which is most of a small molecule's time)."""
+        if virials is None or self.global_terms:
+            cells = np.asarray(graph.globals["cell"])
+        if virials is None:
+            virials = bool(np.any(np.abs(np.linalg.det(cells)) > 1e-12))
         if self.global_terms:
-            covered = self.covering(np.asarray(graph.globals["cell"]))
+            covered = self.covering(cells)
             if covered is not self:  # a term grew (e.g. a larger Ewald grid): recompile
                 self.global_terms, self._jitted = covered.global_terms, None
         if self._jitted is None:
             n_compiles = self.n_compiles
-            self._jitted = CountedJit(lambda variables, graph: energy_and_derivatives(self, variables, graph))
+            self._jitted = CountedJit(
+                lambda variables, graph, virials: energy_and_derivatives(self, variables, graph, virials=virials),
+                static_argnames="virials",
+            )
             self._jitted.n_compiles = n_compiles
-        return self._jitted(self.variables, cast_graph(graph, self.np_dtype))
+        return self._jitted(self.variables, cast_graph(graph, self.np_dtype), virials=virials)
 
     def to_graph(self, atoms: ase.Atoms | Frame) -> jraph.GraphsTuple:
         frame = atoms if isinstance(atoms, Frame) else Frame.from_atoms(atoms)
@@ -282,7 +293,7 @@ class Potential:
                 if n_node + 1 > shape[0] or n_edge > shape[1]:
                     raise ValueError(f"predict: a batch of {n_node} atoms and {n_edge} edges does not fit shape={shape}")
                 padded = pad_graph(jraph.batch_np(graphs), shape[0], shape[1], batch_size + 1)
-            out = jax.device_get(self.predict_graph(padded))
+            out = jax.device_get(self.predict_graph(padded, virials=any(np.any(s.pbc) for s in chunk)))
             offset = 0
             for k, (structure, graph) in enumerate(zip(chunk, graphs)):
                 n = int(graph.n_node[0])
@@ -334,7 +345,11 @@ def graph_energies(potential: Potential, variables: dict, graph: jraph.GraphsTup
 
 
 def energy_and_derivatives(
-    potential: Potential, variables: dict, graph: jraph.GraphsTuple, vectors: jnp.ndarray | None = None
+    potential: Potential,
+    variables: dict,
+    graph: jraph.GraphsTuple,
+    vectors: jnp.ndarray | None = None,
+    virials: bool = True,
 ) -> dict[str, jnp.ndarray]:
     """Everything the potential predicts for one padded batch, from one backward pass.
 
@@ -346,7 +361,8 @@ def energy_and_derivatives(
     [n_graph, 3, 3], stress [n_graph, 3, 3] (zero where the cell has no volume),
     node_virial [n_node, 3, 3] (local and pair terms), and what global terms report
     (electrostatics: charges [n_node] e, dipole [n_graph, 3] e·Å). A frame's total
-    charge is read from globals["charge"] (e; 0 when absent).
+    charge is read from globals["charge"] (e; 0 when absent). With `virials=False` the
+    virial, stress and node_virial entries are left out (and not computed).
     """
     species, positions, senders, receivers = graph.nodes["species"], graph.nodes["positions"], graph.senders, graph.receivers
     num_nodes, num_graphs = species.shape[0], graph.n_node.shape[0]
@@ -361,12 +377,17 @@ def energy_and_derivatives(
         return jnp.sum(graph_energy), (graph_energy, node_energy, extras)
 
     strain = jnp.zeros((num_graphs, 3, 3), vectors.dtype)
-    argnums = (0, 1, 2) if has_global else (0,)
+    argnums = ((0, 1, 2) if virials else (0, 1)) if has_global else (0,)
     (_, (energy, node_energy, extras)), grads = jax.value_and_grad(total_energy, argnums, has_aux=True)(
         vectors, positions, strain
     )
     grad = grads[0]
     forces = jax.ops.segment_sum(grad, senders, num_nodes) - jax.ops.segment_sum(grad, receivers, num_nodes)
+    if has_global:
+        forces = forces - grads[1]
+    results = {"energy": energy, "node_energy": node_energy, "forces": jnp.where(node_mask[:, None], forces, 0.0)}
+    if not virials:
+        return {**results, **extras}
     edge_virial = -jnp.einsum("ei,ej->eij", vectors, grad)
     edge_virial = 0.5 * (edge_virial + jnp.swapaxes(edge_virial, 1, 2))
     virial = jax.ops.segment_sum(edge_virial, edge_graph, num_graphs)
@@ -374,16 +395,13 @@ def energy_and_derivatives(
         jax.ops.segment_sum(edge_virial, senders, num_nodes) + jax.ops.segment_sum(edge_virial, receivers, num_nodes)
     )
     if has_global:
-        forces = forces - grads[1]
         strain_virial = -grads[2]
         virial = virial + 0.5 * (strain_virial + jnp.swapaxes(strain_virial, 1, 2))
     volume = jnp.abs(jnp.linalg.det(cell))
     has_volume = volume > 1e-12
     stress = jnp.where(has_volume[:, None, None], -virial / jnp.where(has_volume, volume, 1.0)[:, None, None], 0.0)
     return {
-        "energy": energy,
-        "node_energy": node_energy,
-        "forces": jnp.where(node_mask[:, None], forces, 0.0),
+        **results,
         "virial": virial,
         "stress": stress,
         "node_virial": node_virial,

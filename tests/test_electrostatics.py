@@ -153,7 +153,7 @@ def predict(potential, structures, garbage_padding=False):
     if garbage_padding:  # masks, not positions, keep padding out
         real = int(batch.n_node[:-1].sum())
         batch.nodes["positions"][real:] = np.random.default_rng(0).normal(0, 0.3, (SHAPE[0] - real, 3))
-    out = jax.device_get(potential.predict_graph(batch))
+    out = jax.device_get(potential.predict_graph(batch, virials=True))  # stress of each (0 for molecules)
     results, offset = [], 0
     for k, atoms in enumerate(structures):
         n = len(atoms)

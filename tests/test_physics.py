@@ -177,6 +177,14 @@ def test_virials_sum_to_total(potential):
 def test_molecule_reports_no_stress(potential):
     result = predict(potential, [ethanol()])[0]
     assert "stress" not in result
+    # The jitted prediction skips the virials of a molecule (no cell volume) unless asked:
+    # same energy and forces either way. (Padded as `predict` pads: no new compilation.)
+    graph = pad_graph(potential.to_graph(ethanol()), *SHAPE, 17)
+    skipped, computed = potential.predict_graph(graph), potential.predict_graph(graph, virials=True)
+    assert "virial" not in skipped and "node_virial" in computed
+    assert float(skipped["energy"][0]) == pytest.approx(float(computed["energy"][0]), rel=1e-12)
+    assert np.allclose(skipped["forces"], computed["forces"], rtol=0, atol=1e-12)
+    assert np.allclose(computed["stress"], 0.0)
 
 
 # --- periodicity -----------------------------------------------------------------------

@@ -47,7 +47,8 @@ class MPNNCalculator(Calculator):
         # Grow-only buckets: shapes change only when the system outgrows them.
         self._n_node = max(self._n_node, bucket_size(n_atom + 1))
         self._n_edge = max(self._n_edge, bucket_size(int(graph.n_edge[0])))
-        out = jax.device_get(self.potential.predict_graph(pad_graph(graph, self._n_node, self._n_edge, 2)))
+        padded = pad_graph(graph, self._n_node, self._n_edge, 2)
+        out = jax.device_get(self.potential.predict_graph(padded, virials=bool(self.atoms.pbc.any())))
         energy = float(out["energy"][0])
         self.results = {
             "energy": energy,
