@@ -222,12 +222,14 @@ def main(argv=None) -> int:
     parser.add_argument("--mace-torch", metavar="PYTHON", help="a Python with mace-torch installed: train it beside ours")
     parser.add_argument("--cores", default="0,1", help="cores for ours and mace-torch (taskset), '' for no pinning")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "accuracy")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        help="extra override for our training, e.g. model.first_self_connection=true (repeatable)")
     args = parser.parse_args(argv)
 
     out = args.out / f"{args.benchmark}-{args.model}-{args.size}-{args.epochs}ep"
     paths = prepare(args.benchmark, args.data_root, out / "data", args.seed)
     cores = [int(c) for c in args.cores.split(",")] if args.cores else [None, None]
-    jobs = {"ours": ours_command(args.model, args.size, paths, args.epochs, args.seed, out / "ours", args.dtype)}
+    jobs = {"ours": ours_command(args.model, args.size, paths, args.epochs, args.seed, out / "ours", args.dtype) + args.set}
     if args.mace_torch:
         jobs["mace-torch"] = mace_torch_command(args.mace_torch, args.size, paths, args.epochs, args.seed, out / "mace-torch", args.dtype)
     started, processes = time.perf_counter(), {}

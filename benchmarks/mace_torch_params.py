@@ -1,6 +1,6 @@
 """Parameter count of our MACE against the reference PyTorch MACE (mace-torch), block by block.
 
-    python benchmarks/mace_torch_params.py [--config configs/mace_rmd17.yaml] [--elements 1 6 8]
+    python benchmarks/mace_torch_params.py [--config configs/mace_rmd17.yaml] [--elements 1 6 8] [--first-self-connection]
 
 Our count comes from the parameter shapes of `mpnn.models.mace` (jax.eval_shape: nothing is
 computed). If `mace-torch` is importable, the same architecture is built there (paper rMD17
@@ -9,7 +9,9 @@ per-block formulas are printed.
 
 Expected differences (everything else matches block for block):
 - layer 0 self_connection: mace-torch's residual first layer adds an element-only linear
-  (Z·C² weights); ours has none, so that a lone atom's energy is exactly E0.
+  (Z·C² weights); ours has none by default, so that a lone atom's energy is exactly E0.
+  `model.first_self_connection: true` (`--first-self-connection` here) adds it (and
+  subtracts each element's lone-atom output instead): then this block matches too.
 - symmetric_contraction: we keep one weight per *linearly independent symmetric* coupling
   (e3nn.reduced_symmetric_tensor_product_basis); mace-torch keeps one per coupling path of the
   ν-fold tensor product, which for ν ≥ 2 includes paths that only differ by permuting the
@@ -138,8 +140,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/mace_rmd17.yaml")
     parser.add_argument("--elements", type=int, nargs="+", default=[1, 6, 8], help="atomic numbers (ethanol: H C O)")
+    parser.add_argument("--first-self-connection", action="store_true", help="ours with model.first_self_connection=true")
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = load_config(args.config, ["model.first_self_connection=true"] if args.first_self_connection else [])
     mine = ours(config, len(args.elements))
     theirs = reference(config, args.elements)
     m = config.model

@@ -119,6 +119,28 @@ def test_layers_and_parameters(potential):
     assert set(params["layer_0"]["symmetric_contraction"]) == {"w1_0e", "w2_0e", "w1_1o", "w2_1o"}
 
 
+def test_first_self_connection_is_mace_torch_s_and_keeps_lone_atoms_at_e0(potential):
+    config = tiny_model_config("mace", "float64", first_self_connection=True)
+    residual = build_potential(config, NUMBERS, avg_num_neighbors=4.0, e0=E0, scale=0.7)
+    params = residual.variables["model"]
+    # mace-torch's count for this block: one C x C matrix per element (C = 4 here).
+    weights = jax.tree_util.tree_leaves(params["layer_0"]["self_connection"])
+    assert sum(w.size for w in weights) == len(NUMBERS) * 4 * 4
+    size = lambda p: sum(w.size for w in jax.tree_util.tree_leaves(p))
+    assert size(params) == size(potential.variables["model"]) + len(NUMBERS) * 4 * 4
+    lone = ase.Atoms("Cu", positions=[[0.0, 0.0, 0.0]])
+    dimer = ase.Atoms("CuO", positions=[[0.0, 0.0, 0.0], [1.9, 0.3, -0.2]])
+    # The block acts: scaling its weights changes a dimer's energy, never a lone atom's.
+    scaled = jax.tree_util.tree_map(lambda w: w, params)
+    scaled["layer_0"]["self_connection"] = jax.tree_util.tree_map(lambda w: 3.0 * w, params["layer_0"]["self_connection"])
+    dimer_energies = []
+    for variables in (params, scaled):
+        lone_out, dimer_out = residual.replace(variables={**residual.variables, "model": variables}).predict([lone, dimer])
+        assert lone_out["energy"] == E0[2] and np.all(lone_out["forces"] == 0.0)
+        dimer_energies.append(dimer_out["energy"])
+    assert abs(dimer_energies[1] - dimer_energies[0]) > 1e-6
+
+
 @pytest.mark.parametrize("name", ["mace_ethanol", "mace_cu", "mace_rmd17"])
 def test_configs_resolve(name):
     config = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")

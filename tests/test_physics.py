@@ -35,7 +35,8 @@ def make_potential(name: str, dtype: str = "float64", seed: int = 0, **model_kwa
 
 
 # Every model with the ZBL pair term on (it exercises the model and the pair term together);
-# one model without it keeps the plain path covered.
+# one model without it keeps the plain path covered: MACE with mace-torch's first-layer
+# self-connection (its lone-atom subtraction is what test_lone_atom_* checks).
 # Every prediction pads to this one shape: one compilation per case instead of one per
 # batch composition (test_padding_and_batching_change_nothing still varies the padding).
 SHAPE = (256, 2048)
@@ -53,6 +54,8 @@ def potential(request):
     name, pair_repulsion = request.param
     # The other tests' tiny NequIP has parity off; here the default (0o, 1e pseudo-tensors too).
     extra = {"parity": True} if name == "nequip" else {}
+    if name == "mace" and pair_repulsion is None:
+        extra = {"first_self_connection": True}
     return make_potential(name, pair_repulsion=pair_repulsion, **extra)
 
 

@@ -11,12 +11,16 @@ layers carry l = 0..max_L; the last layer keeps only scalars (nothing reads anyt
 Readouts: a linear map to 0e after every layer but the last, a small MLP after the last.
 
 An atom without neighbors gets A = 0, hence B = 0 (no constant term), no self-connection in
-the first layer and no biases: its model energy is exactly zero and its energy is E0.
+the first layer and no biases: its model energy is exactly zero and its energy is E0. With
+`first_self_connection` (mace-torch's residual first block) a lone atom's features are
+an element-only constant; the model's output for each element alone is then subtracted
+(computed on one extra edgeless node per element), so a lone atom's energy stays E0.
 Everything is polynomial in A or linear, so outputs vary smoothly as the last neighbor
 leaves the cutoff.
 
 Differences from the reference PyTorch code (mace-torch): the first layer has no
-self-connection (mace-torch's "Residual" first block adds a species-only constant), and
+self-connection by default (mace-torch's "Residual" first block adds a species-only
+constant; `first_self_connection: true` adds it, with the lone-atom subtraction above), and
 the symmetric contraction keeps one weight per independent symmetric coupling where
 mace-torch also keeps redundant permuted paths (same functions, fewer weights; see
 benchmarks/mace_torch_params.py). Every other block matches it weight for weight.
@@ -54,6 +58,9 @@ class MACEConfig(ModelConfig):
     envelope_p: int = 5
     radial_mlp: tuple[int, ...] = (64, 64, 64)
     readout_mlp: int = 16
+    # mace-torch's residual first block: an element-only linear map in layer 0 too
+    # (mace-torch's parameter count: num_species × num_features² more weights).
+    first_self_connection: bool = False
 
 
 def build(config: MACEConfig, num_species: int, avg_num_neighbors: float) -> "MACE":
@@ -72,6 +79,7 @@ def build(config: MACEConfig, num_species: int, avg_num_neighbors: float) -> "MA
         radial_mlp=tuple(config.radial_mlp),
         readout_mlp=config.readout_mlp,
         num_outputs=config.num_outputs,
+        first_self_connection=config.first_self_connection,
     )
 
 
@@ -142,9 +150,15 @@ class MACE(nn.Module):
     radial_mlp: Sequence[int] = (64, 64, 64)
     readout_mlp: int = 16
     num_outputs: int = 1  # 2: energy and raw charge (model.long_range=electrostatics)
+    first_self_connection: bool = False
 
     @nn.compact
     def __call__(self, edge_vectors, species, senders, receivers, edge_mask) -> jnp.ndarray:
+        n_node = species.shape[0]
+        if self.first_self_connection:
+            # One edgeless node per element after the real ones: what the model gives each
+            # element alone, subtracted below.
+            species = jnp.concatenate([species, jnp.arange(self.num_species, dtype=species.dtype)])
         edge_sh, edge_radial = edge_geometry(
             edge_vectors, edge_mask, self.cutoff, self.num_radial, self.envelope_p, self.l_max
         )
@@ -161,12 +175,15 @@ class MACE(nn.Module):
                 correlation=self.correlation,
                 radial_mlp=tuple(self.radial_mlp),
                 avg_num_neighbors=self.avg_num_neighbors,
-                self_connection=layer > 0,
+                self_connection=layer > 0 or self.first_self_connection,
                 name=f"layer_{layer}",
             )(node_feats, species, edge_sh, edge_radial, senders, receivers)
             if last:
                 outputs = outputs + ScalarReadout(self.readout_mlp, self.num_outputs, name="readout")(node_feats)
             else:
                 outputs = outputs + e3nn.flax.Linear(f"{self.num_outputs}x0e", name=f"readout_{layer}")(node_feats).array
+        if self.first_self_connection:
+            species = species[:n_node]
+            outputs = outputs[:n_node] - outputs[n_node:][species]
         return NodeOutputs(self.num_species, name="outputs")(outputs, species)
 
