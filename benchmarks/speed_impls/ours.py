@@ -57,7 +57,8 @@ class Bench:
         # The padding Potential.predict uses (bucketed sizes), graph already on the device.
         padded = batch_and_pad(self.graphs(structures), n_graph=len(structures) + 1, per_doubling=4)
         graph = jax.device_put(cast_graph(padded, self.potential.np_dtype))
-        return lambda: _block(self.potential.predict_graph(graph))
+        virials = any(atoms.pbc.any() for atoms in structures)  # stress for cells only, as the peers
+        return lambda: _block(self.potential.predict_graph(graph, virials=virials))
 
     def train_step(self, structures):
         config = Config(model=self.config)
