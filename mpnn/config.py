@@ -138,6 +138,8 @@ class TrainConfig:
             raise ConfigError(f"train.stage_two_weights: unknown key(s) {sorted(unknown)}; known: {list(LOSS_TERMS)}")
         if self.stage_two_weights and self.stage_two_epoch is None:
             raise ConfigError("train.stage_two_weights needs train.stage_two_epoch (the first epoch of stage two)")
+        if self.stage_two_lr is not None and (self.stage_two_epoch is None or not self.stage_two_lr > 0):
+            raise ConfigError(f"train.stage_two_lr={self.stage_two_lr}: needs train.stage_two_epoch and a rate > 0")
         choices = {"schedule": ("cosine", "plateau"), "loss": ("mse", "huber"), "optimizer": ("adam", "amsgrad")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -168,6 +170,9 @@ class TrainConfig:
     # once forces are learned. Keys: energy, forces, stress, dipole, charges. No recompilation.
     stage_two_epoch: int | None = None
     stage_two_weights: dict[str, float] = field(default_factory=dict)
+    # Learning rate in stage two (mace-torch's swa_lr, 1e-3): the schedule is scaled so its
+    # peak is this rate (with "plateau", the rate itself); plateau reductions stop applying.
+    stage_two_lr: float | None = None
     checkpoint_every: int = 1  # epochs
     keep_checkpoints: int = 2
     progress: bool = True  # tqdm bar
@@ -180,6 +185,14 @@ def loss_weights(train: "TrainConfig", epoch: int) -> dict[str, float]:
     if train.stage_two_epoch is not None and epoch >= train.stage_two_epoch:
         weights.update(train.stage_two_weights)
     return weights
+
+
+def lr_multiplier(train: "TrainConfig", epoch: int, plateau_scale: float) -> float:
+    """What multiplies the schedule's rate in `epoch` (1-based): the plateau reductions so
+    far, or in stage two with train.stage_two_lr, stage_two_lr / lr."""
+    if train.stage_two_lr is not None and train.stage_two_epoch is not None and epoch >= train.stage_two_epoch:
+        return train.stage_two_lr / train.lr
+    return plateau_scale
 
 
 @dataclass

@@ -309,13 +309,14 @@ def test_fine_tuning_from_a_saved_model(trained_run, cu_file, tmp_path):
 
 def test_same_seed_same_run_and_stage_two(cu_file, tmp_path):
     """Two runs of one config (seed, data order, initialisation) give identical metrics and
-    parameters. Both switch to stage-two loss weights at epoch 2, with no recompilation."""
+    parameters. Both switch to stage-two loss weights and learning rate at epoch 2, with no
+    recompilation."""
     from mpnn.config import ConfigError, loss_weights
     from mpnn.training.loop import train
 
     overrides = {
         "train.max_epochs": 2, "data.max_frames": 16, "train.stage_two_epoch": 2,
-        "train.stage_two_weights": "{energy: 1000.0, forces: 1.0}",
+        "train.stage_two_weights": "{energy: 1000.0, forces: 1.0}", "train.stage_two_lr": 0.004,
     }
     runs = []
     for name in ("a", "b"):
@@ -328,9 +329,12 @@ def test_same_seed_same_run_and_stage_two(cu_file, tmp_path):
             if key not in ("time_s", "epoch_train_s"):
                 assert x[key] == y[key], key
     assert int(a[2]["n_compiles"]) == 0  # stage two: same program
+    assert float(a[1]["lr"]) == pytest.approx(0.02) and float(a[2]["lr"]) == pytest.approx(0.004)  # after the warm-up
     pa, pb = mpnn.load(runs[0] / "model").variables, mpnn.load(runs[1] / "model").variables
     for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
         assert np.array_equal(np.asarray(x), np.asarray(y))
     assert loss_weights(config.train, 1)["energy"] == 10.0 and loss_weights(config.train, 2)["energy"] == 1000.0
+    with pytest.raises(ConfigError, match="stage_two_lr"):
+        tiny_train_config(cu_file, tmp_path / "d", **{"train.stage_two_lr": 0.001})
     with pytest.raises(ConfigError, match="unknown key"):
         tiny_train_config(cu_file, tmp_path / "c", **{"train.stage_two_epoch": 2, "train.stage_two_weights": "{force: 1.0}"})

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from mpnn.config import LOSS_TERMS, Config, TrainConfig, loss_weights, save_config
+from mpnn.config import LOSS_TERMS, Config, TrainConfig, loss_weights, lr_multiplier, save_config
 from mpnn.data.dataset import Splits, e0_from_config, label_warnings, load_splits
 from mpnn.data.frames import DataError, Frame
 from mpnn.data.graphs import (
@@ -534,10 +534,11 @@ def train(config: Config) -> dict:
         bar = tqdm(batches, total=len(plan) - skip, desc=f"epoch {epoch}", disable=not show, leave=False)
         losses, finite = [], []
         real, padded = np.zeros(2), np.zeros(2)  # (nodes, edges) of the training batches
-        lr_scale = jnp.asarray(meta["lr_scale"], dtype)
+        lr_scale = jnp.asarray(lr_multiplier(config.train, epoch, meta["lr_scale"]), dtype)
         weights = {k: jnp.asarray(v, dtype) for k, v in loss_weights(config.train, epoch).items()}
         if epoch == config.train.stage_two_epoch:
-            log.info("stage two from epoch %d: loss weights %s", epoch, loss_weights(config.train, epoch))
+            rate = "" if config.train.stage_two_lr is None else f", learning rate {config.train.stage_two_lr:g}"
+            log.info("stage two from epoch %d: loss weights %s%s", epoch, loss_weights(config.train, epoch), rate)
         for step, batch, shape in bar:
             state, loss, ok = s.train_step(state, batch, lr_scale, weights)
             losses.append(loss)
