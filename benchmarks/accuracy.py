@@ -130,7 +130,7 @@ def ours_command(model: str, size: str, paths: dict, epochs: int, seed: int, run
     overrides += [
         f"data.train={paths['train']}", f"data.valid={paths['valid']}", f"data.test={paths['test']}",
         "train.optimizer=amsgrad", "train.schedule=plateau", "train.plateau_factor=0.8", "train.plateau_patience=50",
-        "train.warmup_epochs=0", f"train.max_epochs={epochs}", "train.progress=false", f"seed={seed}",
+        "train.warmup_epochs=0", f"train.max_epochs={epochs}", "train.max_time=null", "train.progress=false", f"seed={seed}",
         f"run.dir={run_dir}", "run.overwrite=true", "model.e0=fit", "model.scale=forces_rms",
     ]
     return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/default.yaml"), *overrides]
