@@ -190,7 +190,7 @@ def loss_weights(train: "TrainConfig", epoch: int) -> dict[str, float]:
 def lr_multiplier(train: "TrainConfig", epoch: int, plateau_scale: float) -> float:
     """What multiplies the schedule's rate in `epoch` (1-based): the plateau reductions so
     far, or in stage two with train.stage_two_lr, stage_two_lr / lr."""
-    if train.stage_two_lr is not None and train.stage_two_epoch is not None and epoch >= train.stage_two_epoch:
+    if train.stage_two_lr is not None and epoch >= train.stage_two_epoch:  # validation: stage_two_lr needs the epoch
         return train.stage_two_lr / train.lr
     return plateau_scale
 

@@ -43,6 +43,9 @@ from mpnn.data.frames import Frame
 from mpnn.data.graphs import batch_and_pad, frame_to_graph, pad_graph
 from mpnn.nn.radial import masked_edge_vectors, safe_norm
 
+# A cell with a smaller |det| (Å³) has no volume (molecules: zeros): no stress.
+MIN_CELL_VOLUME = 1e-12
+
 
 class CountedJit:
     """`jax.jit(fun)` that counts its traces in `n_compiles` (a trace happens exactly when
@@ -238,10 +241,9 @@ class Potential:
         `virials`: also compute virial, stress and per-atom virials; by default only when
         a cell of the batch has a volume (molecules skip them: fewer operations per call,
         which is most of a small molecule's time)."""
-        if virials is None or self.global_terms:
-            cells = np.asarray(graph.globals["cell"])
+        cells = np.asarray(graph.globals["cell"]) if virials is None or self.global_terms else None
         if virials is None:
-            virials = bool(np.any(np.abs(np.linalg.det(cells)) > 1e-12))
+            virials = bool(np.any(np.abs(np.linalg.det(cells)) > MIN_CELL_VOLUME))
         if self.global_terms:
             covered = self.covering(cells)
             if covered is not self:  # a term grew (e.g. a larger Ewald grid): recompile
@@ -367,7 +369,6 @@ def energy_and_derivatives(
     species, positions, senders, receivers = graph.nodes["species"], graph.nodes["positions"], graph.senders, graph.receivers
     num_nodes, num_graphs = species.shape[0], graph.n_node.shape[0]
     node_mask, cell = graph.nodes["mask"], graph.globals["cell"]
-    edge_graph = jnp.repeat(jnp.arange(num_graphs), graph.n_edge, total_repeat_length=senders.shape[0])
     if vectors is None:
         vectors = edge_vectors(positions, cell, graph.edges["shifts"], senders, receivers, graph.n_edge)
     has_global = bool(potential.global_terms)
@@ -388,6 +389,7 @@ def energy_and_derivatives(
     results = {"energy": energy, "node_energy": node_energy, "forces": jnp.where(node_mask[:, None], forces, 0.0)}
     if not virials:
         return {**results, **extras}
+    edge_graph = jnp.repeat(jnp.arange(num_graphs), graph.n_edge, total_repeat_length=senders.shape[0])
     edge_virial = -jnp.einsum("ei,ej->eij", vectors, grad)
     edge_virial = 0.5 * (edge_virial + jnp.swapaxes(edge_virial, 1, 2))
     virial = jax.ops.segment_sum(edge_virial, edge_graph, num_graphs)
@@ -398,7 +400,7 @@ def energy_and_derivatives(
         strain_virial = -grads[2]
         virial = virial + 0.5 * (strain_virial + jnp.swapaxes(strain_virial, 1, 2))
     volume = jnp.abs(jnp.linalg.det(cell))
-    has_volume = volume > 1e-12
+    has_volume = volume > MIN_CELL_VOLUME
     stress = jnp.where(has_volume[:, None, None], -virial / jnp.where(has_volume, volume, 1.0)[:, None, None], 0.0)
     return {
         **results,

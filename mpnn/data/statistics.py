@@ -46,9 +46,8 @@ def least_squares_e0(counts: np.ndarray, energies: np.ndarray, numbers: Sequence
         log.warning(
             "model.e0=fit: the training compositions (%d distinct element-count patterns) determine only %d of the %d "
             "independent combinations of the per-element energies of %s; the fitted E0 are the minimum-norm split, right "
-            "for these compositions but not "
-            "for isolated atoms or other compositions. Give model.e0 as a mapping (isolated-atom energies, eV) where "
-            "that matters.",
+            "for these compositions but not for isolated atoms or other compositions. Give model.e0 as a mapping "
+            "(isolated-atom energies, eV) where that matters.",
             len(np.unique(counts, axis=0)), rank, len(numbers), symbols,
         )
     return e0

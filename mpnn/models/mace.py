@@ -157,7 +157,8 @@ class MACE(nn.Module):
         n_node = species.shape[0]
         if self.first_self_connection:
             # One edgeless node per element after the real ones: what the model gives each
-            # element alone, subtracted below.
+            # element alone, subtracted below (nn.relative_to_isolated's idea, carried
+            # through every layer since a lone atom's features change from layer to layer).
             species = jnp.concatenate([species, jnp.arange(self.num_species, dtype=species.dtype)])
         edge_sh, edge_radial = edge_geometry(
             edge_vectors, edge_mask, self.cutoff, self.num_radial, self.envelope_p, self.l_max
