@@ -6,6 +6,12 @@
     fresh = mpnn.build_potential({"name": "mace", "num_features": 32}, numbers=[1, 6, 8])
 """
 
+# First, before JAX starts its threads: repeated compiled calls reuse their temporary
+# buffers' pages instead of faulting fresh ones in (see mpnn/host_memory.py).
+from mpnn.host_memory import keep_freed_memory
+
+keep_freed_memory()
+
 from mpnn.calculators.ase import MPNNCalculator
 from mpnn.config import Config, load_config, model_config
 from mpnn.potential import Potential, PrecisionError, build_potential, enable_x64
