@@ -35,6 +35,11 @@ Workloads (deterministic: ase builders, rattle with seed 0; float32):
 Hyperparameters (--model-size default): 2 layers, 64x0e+64x1o hidden features, harmonics
 l ≤ 2, correlation 3 (MACE), 8 Bessel functions, radial MLP 3 × 64, cutoff 5 Å.
 Peak memory: the rise of the process's peak RSS over its RSS before the model was built.
+
+Ours runs as mpnn's command-line tools do, with `mpnn.keep_freed_memory()` (glibc never
+mmaps, JAX computes on the calling thread: mpnn/host_memory.py); peers with their defaults.
+`--keep-freed-memory` gives every implementation the same settings, as environment
+variables; `MPNN_KEEP_FREED_MEMORY=0` turns them off for ours.
 """
 
 from __future__ import annotations
@@ -219,10 +224,21 @@ def run_row(impl: str, row: str, repeats: int | None) -> dict:
 # --- the orchestrator ---------------------------------------------------------------------
 
 
-def pinned_env(threads: int, hugepages: bool = False) -> dict:
+# What mpnn.keep_freed_memory() sets (mpnn/host_memory.py), as environment variables for
+# any process: glibc keeps freed blocks in its heap, JAX computes on the calling thread.
+KEEP_FREED_MEMORY = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": "2147483647",
+    "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false",
+}
+
+
+def pinned_env(threads: int, hugepages: bool = False, keep_freed_memory: bool = False) -> dict:
     env = dict(os.environ)
     if hugepages:  # glibc backs its large (mmap) allocations with transparent huge pages
         env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+    if keep_freed_memory:
+        env.update(KEEP_FREED_MEMORY)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = str(threads)
     env["MPNN_BENCH_THREADS"] = str(threads)
     flags = env.get("XLA_FLAGS", "")
@@ -234,14 +250,21 @@ def pinned_env(threads: int, hugepages: bool = False) -> dict:
 
 
 def run_subprocess(
-    python: str, impl: str, row: str, threads: int, repeats: int | None, timeout: float, hugepages: bool = False
+    python: str,
+    impl: str,
+    row: str,
+    threads: int,
+    repeats: int | None,
+    timeout: float,
+    hugepages: bool = False,
+    keep_freed_memory: bool = False,
 ) -> dict:
     cores = ",".join(str(c) for c in range(threads))
     command = ["taskset", "-c", cores, python, str(Path(__file__).resolve()), "--worker", impl, row]
     if repeats:
         command += ["--repeats", str(repeats)]
     try:
-        done = subprocess.run(command, env=pinned_env(threads, hugepages), capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, env=pinned_env(threads, hugepages, keep_freed_memory), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"impl": impl, "row": row, "error": f"timeout {timeout:.0f} s"}
     for line in reversed(done.stdout.splitlines()):
@@ -291,6 +314,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (default: per row)")
     parser.add_argument("--python", action="append", default=[], help="NAME=PATH: interpreter for an implementation")
     parser.add_argument("--hugepages", action="store_true", help="GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for every implementation")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="give every implementation the host-memory settings mpnn applies to itself (mpnn/host_memory.py)",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per row")
     parser.add_argument("--json", default=None, help="also write every result here")
     parser.add_argument("--from-json", nargs="+", default=None, help="print the tables of earlier --json files, merged")
@@ -322,14 +350,22 @@ def main(argv=None) -> int:
     print(
         f"# {time.strftime('%Y-%m-%d')} · {platform.processor() or platform.machine()} · {os.cpu_count()} CPUs · "
         f"{args.threads} thread(s) pinned (taskset) · medians after warm-up · float32"
-        + (" · glibc.malloc.hugetlb=1" if args.hugepages else ""),
+        + (" · glibc.malloc.hugetlb=1" if args.hugepages else "")
+        + (" · every implementation keeps freed memory" if args.keep_freed_memory else ""),
         flush=True,
     )
     results = []
     for impl in impls:
         for row in rows:
             r = run_subprocess(
-                pythons.get(impl, sys.executable), impl, row, args.threads, args.repeats, args.timeout, args.hugepages
+                pythons.get(impl, sys.executable),
+                impl,
+                row,
+                args.threads,
+                args.repeats,
+                args.timeout,
+                args.hugepages,
+                args.keep_freed_memory,
             )
             results.append(r)
             if "error" in r:

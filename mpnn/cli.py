@@ -28,6 +28,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     import jax
 
+    from mpnn.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before the first computation, as precision: this entry point owns its process
+
     if config.run.distributed:  # before anything touches a device
         from mpnn.training.parallel import initialize_distributed
 

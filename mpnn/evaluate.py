@@ -167,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dtype", choices=["float32", "float64"], help="override the saved dtype")
     args = parser.parse_args(argv)
+    from mpnn.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before the first computation: this entry point owns its process
 
     potential = load_model(args.model, dtype=args.dtype, set_precision=True)
     data = potential.config.data

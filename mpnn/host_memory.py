@@ -15,17 +15,20 @@ that call's time on one core). Two changes keep it in the heap for the next call
   2 GiB free (`M_TRIM_THRESHOLD`): freed blocks stay in the heap, warm.
 
 The cost: the process keeps its peak heap as a pool for the next call, and Python no
-longer runs ahead of CPU computations (the training loop's batches are prepared on
-their own thread, so it still overlaps). Both settings are process-wide and take effect
-only before JAX's CPU backend starts (the first computation), so they are applied when
-`mpnn` is imported: import mpnn before computing anything with JAX.
-`MPNN_KEEP_FREED_MEMORY=0` in the environment leaves both alone. Outside glibc (macOS,
-musl) only the JAX setting applies.
+longer runs ahead of CPU computations (the training loop prepares its batches on their
+own thread, so it still overlaps). Both settings are process-wide and take effect only
+before JAX's CPU backend starts (the first computation). Like precision, they are the
+program's choice: the command-line tools (`python train.py`, `python -m mpnn.md`,
+`python -m mpnn.evaluate`) call `keep_freed_memory()` first; a script or notebook calls
+`mpnn.keep_freed_memory()` before it computes anything. `MPNN_KEEP_FREED_MEMORY=0` in the
+environment makes it do nothing. Outside glibc (macOS, musl) only the JAX setting
+applies.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
@@ -52,6 +55,15 @@ def keep_freed_memory() -> bool:
         return False
     import jax
 
+    try:
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:  # a JAX without it: assume it is early enough
+        backends_are_initialized = lambda: False  # noqa: E731
+    if backends_are_initialized():
+        logging.getLogger(__name__).warning(
+            "keep_freed_memory() after JAX's first computation: CPU computations stay on a worker thread, "
+            "whose large temporaries glibc cannot keep; call it before anything computes"
+        )
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     if not is_glibc():
         return False

@@ -344,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--init-velocities", choices=("auto", "maxwell", "atoms"), default="auto")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    from mpnn.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before the first computation: this entry point owns its process
 
     from mpnn.saved_model import load_model
 

@@ -1,4 +1,5 @@
-"""Repeated compiled calls reuse their temporary buffers' pages (mpnn/host_memory.py)."""
+"""After `mpnn.keep_freed_memory()`, repeated compiled calls reuse their temporary buffers'
+pages (mpnn/host_memory.py)."""
 
 import os
 import subprocess
@@ -13,6 +14,7 @@ from mpnn.host_memory import ENV_SWITCH, is_glibc
 SCRIPT = """
 import resource
 import mpnn
+mpnn.keep_freed_memory()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x, w: jnp.tanh(jnp.sin(x) @ w).sum())
 x, w = jnp.ones((4096, 4112), jnp.float32), jnp.ones((4112, 8), jnp.float32)
@@ -35,7 +37,15 @@ def page_faults(switch: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not is_glibc(), reason="glibc's malloc settings")
 def test_repeated_calls_reuse_temporary_memory():
-    # glibc's defaults hand the block back and fault it in again on every call; with
-    # mpnn's settings at most an occasional call grows the heap.
+    # glibc's defaults hand the block back and fault it in again on every call; after
+    # keep_freed_memory() at most an occasional call grows the heap.
     assert page_faults("1") < 2 * PAGES_PER_TEMPORARY
     assert page_faults("0") > 4 * PAGES_PER_TEMPORARY
+
+
+def test_late_call_says_it_is_too_late():
+    script = "import jax.numpy as jnp, mpnn; jnp.ones(3).block_until_ready(); mpnn.keep_freed_memory()"
+    env = {**os.environ, ENV_SWITCH: "1", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "after JAX's first computation" in done.stderr

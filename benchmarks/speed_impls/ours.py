@@ -8,12 +8,17 @@ import jraph
 import numpy as np
 
 from mpnn.config import Config, loss_weights, model_config
+from mpnn.host_memory import keep_freed_memory
 from mpnn.data.frames import frame_from_atoms
 from mpnn.data.graphs import batch_and_pad, fixed_batch_shape, frame_to_graph, iterate_batches
 from mpnn.data.statistics import average_num_neighbors
 from mpnn.potential import build_potential, cast_graph
 from mpnn.training.loop import TrainState, make_train_step
 from mpnn.training.optimizer import make_optimizer
+
+
+# As mpnn's command-line tools do, before anything computes (MPNN_KEEP_FREED_MEMORY=0: off).
+keep_freed_memory()
 
 
 def _config(model: str, hyper: dict):
