@@ -47,7 +47,8 @@ def is_glibc() -> bool:
 
 def keep_freed_memory() -> bool:
     """Apply the settings above (once per process). Returns whether glibc's malloc
-    settings are in effect: False outside glibc or with MPNN_KEEP_FREED_MEMORY=0."""
+    settings are in effect: False outside glibc, with MPNN_KEEP_FREED_MEMORY=0, or when
+    called after JAX's first computation (then it warns and changes nothing)."""
     global _applied
     if _applied:
         return True
@@ -60,10 +61,15 @@ def keep_freed_memory() -> bool:
     except ImportError:  # a JAX without it: assume it is early enough
         backends_are_initialized = lambda: False  # noqa: E731
     if backends_are_initialized():
+        # Too late to help: the CPU client already computes on a worker thread, whose large
+        # temporaries glibc mmaps whatever the settings; the malloc settings alone would
+        # only keep the main thread's freed memory (a process calling our entry points'
+        # main() in-process, such as a test worker, would grow). So change nothing.
         logging.getLogger(__name__).warning(
-            "keep_freed_memory() after JAX's first computation: CPU computations stay on a worker thread, "
-            "whose large temporaries glibc cannot keep; call it before anything computes"
+            "keep_freed_memory() after JAX's first computation changes nothing: CPU computations already "
+            "run on a worker thread, whose large temporaries glibc cannot keep; call it before anything computes"
         )
+        return False
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     if not is_glibc():
         return False

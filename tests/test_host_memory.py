@@ -44,8 +44,12 @@ def test_repeated_calls_reuse_temporary_memory():
 
 
 def test_late_call_says_it_is_too_late():
-    script = "import jax.numpy as jnp, mpnn; jnp.ones(3).block_until_ready(); mpnn.keep_freed_memory()"
+    script = (
+        "import jax, jax.numpy as jnp, mpnn; jnp.ones(3).block_until_ready(); "
+        "print(mpnn.keep_freed_memory(), jax.config.read('jax_cpu_enable_async_dispatch'))"
+    )
     env = {**os.environ, ENV_SWITCH: "1", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "after JAX's first computation" in done.stderr
+    assert "after JAX's first computation changes nothing" in done.stderr
+    assert done.stdout.split() == ["False", "True"]  # nothing applied
