@@ -224,21 +224,14 @@ def run_row(impl: str, row: str, repeats: int | None) -> dict:
 # --- the orchestrator ---------------------------------------------------------------------
 
 
-# What mpnn.keep_freed_memory() sets (mpnn/host_memory.py), as environment variables for
-# any process: glibc keeps freed blocks in its heap, JAX computes on the calling thread.
-KEEP_FREED_MEMORY = {
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": "2147483647",
-    "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false",
-}
-
-
 def pinned_env(threads: int, hugepages: bool = False, keep_freed_memory: bool = False) -> dict:
     env = dict(os.environ)
     if hugepages:  # glibc backs its large (mmap) allocations with transparent huge pages
         env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
-    if keep_freed_memory:
-        env.update(KEEP_FREED_MEMORY)
+    if keep_freed_memory:  # what mpnn.keep_freed_memory() sets, for any implementation's process
+        from mpnn.host_memory import environment
+
+        env.update(environment())
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = str(threads)
     env["MPNN_BENCH_THREADS"] = str(threads)
     flags = env.get("XLA_FLAGS", "")

@@ -45,6 +45,17 @@ def is_glibc() -> bool:
         return False
 
 
+def environment() -> dict[str, str]:
+    """The same settings as environment variables, for a process started from here
+    (glibc and JAX read them at start-up): what `benchmarks/speed.py --keep-freed-memory`
+    gives every implementation."""
+    return {
+        "MALLOC_MMAP_MAX_": "0",
+        "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD_BYTES),
+        "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false",
+    }
+
+
 def keep_freed_memory() -> bool:
     """Apply the settings above (once per process). Returns whether glibc's malloc
     settings are in effect: False outside glibc, with MPNN_KEEP_FREED_MEMORY=0, or when
@@ -61,10 +72,8 @@ def keep_freed_memory() -> bool:
     except ImportError:  # a JAX without it: assume it is early enough
         backends_are_initialized = lambda: False  # noqa: E731
     if backends_are_initialized():
-        # Too late to help: the CPU client already computes on a worker thread, whose large
-        # temporaries glibc mmaps whatever the settings; the malloc settings alone would
-        # only keep the main thread's freed memory (a process calling our entry points'
-        # main() in-process, such as a test worker, would grow). So change nothing.
+        # The malloc settings alone would only grow the heap (e.g. of a test worker that
+        # calls an entry point's main() in-process).
         logging.getLogger(__name__).warning(
             "keep_freed_memory() after JAX's first computation changes nothing: CPU computations already "
             "run on a worker thread, whose large temporaries glibc cannot keep; call it before anything computes"
