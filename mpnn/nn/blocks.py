@@ -40,8 +40,15 @@ def edge_geometry(
 
 
 def species_embedding(species: jnp.ndarray, num_species: int, num_features: int, name: str = "embedding"):
-    """Learned per-element scalars: [n_node] → IrrepsArray [n_node, num_features x 0e]."""
-    table = nn.Embed(num_species, num_features, name=name)
+    """Learned per-element scalars: [n_node] → IrrepsArray [n_node, num_features x 0e].
+
+    Initialised N(0, 1): the e3nn layers downstream are normalised for unit-variance
+    inputs, so every layer starts at its designed scale whatever the number of elements.
+    (flax's default, N(0, 1/num_features), started MACE's atomic basis 8× smaller at 64
+    channels; on rMD17 ethanol at 10 epochs unit variance gave 8 % lower force errors over
+    three seeds, mace-torch's 1/sqrt(num_species) 6 %; README, Accuracy.)
+    """
+    table = nn.Embed(num_species, num_features, embedding_init=nn.initializers.normal(stddev=1.0), name=name)
     return e3nn.IrrepsArray(f"{num_features}x0e", table(species))
 
 
