@@ -3,15 +3,23 @@
     python benchmarks/mace_torch_params.py [--config configs/mace_rmd17.yaml] [--elements 1 6 8] [--first-self-connection]
 
 Our count comes from the parameter shapes of `mpnn.models.mace` (jax.eval_shape: nothing is
-computed). If `mace-torch` is importable, the same architecture is built there (paper rMD17
-setting: RealAgnosticResidualInteractionBlock for every layer) and counted too. Otherwise the
+computed). If `mace-torch` is importable, the same architecture is built there as
+`mace_run_train --model MACE` builds it (its first interaction block is always
+RealAgnosticInteractionBlock, whatever `--interaction_first` says; the later ones
+RealAgnosticResidualInteractionBlock) and counted too; `--mace-torch-first residual`
+builds the residual block there instead (the MACE paper's description). Otherwise the
 per-block formulas are printed.
 
 Expected differences (everything else matches block for block):
-- layer 0 self_connection: mace-torch's residual first layer adds an element-only linear
-  (Z·C² weights); ours has none by default, so that a lone atom's energy is exactly E0.
-  `model.first_self_connection: true` (`--first-self-connection` here) adds it (and
-  subtracts each element's lone-atom output instead): then this block matches too.
+- layer 0: mace_run_train's first block maps the atomic basis A through an
+  element-dependent linear (`skip_tp` of RealAgnosticInteractionBlock, Z·C² weights per
+  l ≤ l_max, "species_linear" below). Ours has none: on rMD17 ethanol (10 epochs,
+  benchmarks/accuracy.py, seeds 0 and 1, each with the old and the current embedding
+  initialisation) adding it changed the force MAE by +0.6, +3.1, +4.3 and −2.1 %: no
+  gain for its weights. With `--mace-torch-first residual` mace-torch's first layer has
+  an element-only self-connection (Z·C²) instead, which `model.first_self_connection:
+  true` (`--first-self-connection` here) adds to ours (subtracting each element's
+  lone-atom output, so a lone atom keeps E0): then that block matches too.
 - symmetric_contraction: we keep one weight per *linearly independent symmetric* coupling
   (e3nn.reduced_symmetric_tensor_product_basis); mace-torch keeps one per coupling path of the
   ν-fold tensor product, which for ν ≥ 2 includes paths that only differ by permuting the
@@ -71,15 +79,16 @@ TORCH_BLOCKS = [
     (r"^interactions\.(\d+)\.linear_up\.", "linear_up"),
     (r"^interactions\.(\d+)\.conv_tp_weights\.", "radial_mlp"),
     (r"^interactions\.(\d+)\.linear\.", "linear"),
-    (r"^interactions\.(\d+)\.skip_tp\.", "self_connection"),
+    (r"^interactions\.(\d+)\.skip_tp\.", "self_connection"),  # species_linear in a RealAgnosticInteractionBlock
     (r"^products\.(\d+)\.symmetric_contractions\.", "symmetric_contraction"),
     (r"^products\.(\d+)\.linear\.", "linear_down"),
     (r"^readouts\.", "readout"),
 ]
 
 
-def reference(config, numbers: list[int]) -> Counter | None:
-    """The same counts for mace-torch's MACE, or None if it is not installed."""
+def reference(config, numbers: list[int], first: str = "run_train") -> Counter | None:
+    """The same counts for mace-torch's MACE, or None if it is not installed. first:
+    "run_train" (the first block mace_run_train builds) or "residual"."""
     warnings.filterwarnings("ignore")  # torch / e3nn deprecation chatter
     try:
         import torch
@@ -92,13 +101,14 @@ def reference(config, numbers: list[int]) -> Counter | None:
     parity = ["e", "o"]
     hidden = " + ".join(f"{m.num_features}x{l}{parity[l % 2]}" for l in range(m.max_L + 1))
     residual = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+    first_block = residual if first == "residual" else modules.interaction_classes["RealAgnosticInteractionBlock"]
     model = modules.MACE(
         r_max=m.cutoff,
         num_bessel=m.num_radial,
         num_polynomial_cutoff=m.envelope_p,
         max_ell=m.l_max,
         interaction_cls=residual,
-        interaction_cls_first=residual,
+        interaction_cls_first=first_block,
         num_interactions=m.num_layers,
         num_elements=len(numbers),
         hidden_irreps=o3.Irreps(hidden),
@@ -116,6 +126,8 @@ def reference(config, numbers: list[int]) -> Counter | None:
             match = re.match(pattern, name)
             if match:
                 layer = int(match.group(1)) if match.groups() else None
+                if block == "self_connection" and layer == 0 and first_block is not residual:
+                    block = "species_linear"  # applied to A, not a self-connection
                 counts[(layer, block)] += p.numel()
                 break
         else:
@@ -141,10 +153,12 @@ def main() -> None:
     parser.add_argument("--config", default="configs/mace_rmd17.yaml")
     parser.add_argument("--elements", type=int, nargs="+", default=[1, 6, 8], help="atomic numbers (ethanol: H C O)")
     parser.add_argument("--first-self-connection", action="store_true", help="ours with model.first_self_connection=true")
+    parser.add_argument("--mace-torch-first", choices=["run_train", "residual"], default="run_train",
+                        help="mace-torch's first block: what mace_run_train builds, or the residual one")
     args = parser.parse_args()
     config = load_config(args.config, ["model.first_self_connection=true"] if args.first_self_connection else [])
     mine = ours(config, len(args.elements))
-    theirs = reference(config, args.elements)
+    theirs = reference(config, args.elements, args.mace_torch_first)
     m = config.model
     print(
         f"{args.config}: {m.num_layers} layers, {m.num_features} channels, l_max {m.l_max}, max_L {m.max_L}, "

@@ -18,12 +18,15 @@ an element-only constant; the model's output for each element alone is then subt
 Everything is polynomial in A or linear, so outputs vary smoothly as the last neighbor
 leaves the cutoff.
 
-Differences from the reference PyTorch code (mace-torch): the first layer has no
-self-connection by default (mace-torch's "Residual" first block adds a species-only
-constant; `first_self_connection: true` adds it, with the lone-atom subtraction above), and
-the symmetric contraction keeps one weight per independent symmetric coupling where
-mace-torch also keeps redundant permuted paths (same functions, fewer weights; see
-benchmarks/mace_torch_params.py). Every other block matches it weight for weight.
+Differences from the reference PyTorch code (mace-torch 0.3.16): `mace_run_train` builds
+its first layer with an element-dependent linear map of A (RealAgnosticInteractionBlock's
+`skip_tp`), which ours leaves out (no gain measured, see benchmarks/mace_torch_params.py);
+the MACE paper's residual first block adds an element-only self-connection instead, which
+`first_self_connection: true` adds (with the lone-atom subtraction above); and the
+symmetric contraction keeps one weight per independent symmetric coupling where mace-torch
+also keeps redundant permuted paths (same functions, fewer weights). Every other block
+matches it weight for weight. The species embedding starts at unit variance (mace-torch's
+at variance 1/num_species; see nn.species_embedding).
 """
 
 from __future__ import annotations
