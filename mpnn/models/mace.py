@@ -12,7 +12,7 @@ Readouts: a linear map to 0e after every layer but the last, a small MLP after t
 
 An atom without neighbors gets A = 0, hence B = 0 (no constant term), no self-connection in
 the first layer and no biases: its model energy is exactly zero and its energy is E0. With
-`first_self_connection` (mace-torch's residual first block) a lone atom's features are
+`first_self_connection` (the MACE paper's residual first block) a lone atom's features are
 an element-only constant; the model's output for each element alone is then subtracted
 (computed on one extra edgeless node per element), so a lone atom's energy stays E0.
 Everything is polynomial in A or linear, so outputs vary smoothly as the last neighbor
@@ -61,8 +61,8 @@ class MACEConfig(ModelConfig):
     envelope_p: int = 5
     radial_mlp: tuple[int, ...] = (64, 64, 64)
     readout_mlp: int = 16
-    # mace-torch's residual first block: an element-only linear map in layer 0 too
-    # (mace-torch's parameter count: num_species × num_features² more weights).
+    # the MACE paper's residual first block: an element-only self-connection in layer 0
+    # too (num_species × num_features² more weights).
     first_self_connection: bool = False
 
 
