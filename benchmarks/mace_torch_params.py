@@ -79,7 +79,7 @@ TORCH_BLOCKS = [
     (r"^interactions\.(\d+)\.linear_up\.", "linear_up"),
     (r"^interactions\.(\d+)\.conv_tp_weights\.", "radial_mlp"),
     (r"^interactions\.(\d+)\.linear\.", "linear"),
-    (r"^interactions\.(\d+)\.skip_tp\.", "self_connection"),  # species_linear in a RealAgnosticInteractionBlock
+    (r"^interactions\.(\d+)\.skip_tp\.", "self_connection"),
     (r"^products\.(\d+)\.symmetric_contractions\.", "symmetric_contraction"),
     (r"^products\.(\d+)\.linear\.", "linear_down"),
     (r"^readouts\.", "readout"),
@@ -126,8 +126,8 @@ def reference(config, numbers: list[int], first: str = "run_train") -> Counter |
             match = re.match(pattern, name)
             if match:
                 layer = int(match.group(1)) if match.groups() else None
-                if block == "self_connection" and layer == 0 and first_block is not residual:
-                    block = "species_linear"  # applied to A, not a self-connection
+                if block == "self_connection" and layer == 0 and first != "residual":
+                    block = "species_linear"  # RealAgnosticInteractionBlock's skip_tp maps A
                 counts[(layer, block)] += p.numel()
                 break
         else:
